@@ -1,0 +1,199 @@
+"""The `tunefactory` command: run a pipeline, preview its data, chat with a result.
+
+    tunefactory run deployments/self_cognition.yaml [--set train.learning_rate=1e-4 ...]
+    tunefactory preview deployments/self_cognition.yaml
+    tunefactory chat workspace/models/self-cognition
+    tunefactory validate SPEC | tunefactory schema
+
+Mistakes in a spec or a dataset are reported as one message naming the key, file or row,
+before any stage runs; a traceback means a bug in tunefactory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from flows.spec import PipelineSpec, SpecError, load_spec
+
+EXIT_USER_ERROR = 2
+
+
+def check_inputs(spec: PipelineSpec) -> None:
+    """Read every dataset and the model source the spec names, so mistakes surface before stage one."""
+    from tasks.evaluate import eval_prompts
+    from tasks.materialize_model import source_fingerprint
+    from tasks.template_dataset import templated_examples
+
+    source_fingerprint(spec.model.name_or_path)
+    examples, _ = templated_examples(
+        spec.dataset.names, spec.dataset.registry, spec.dataset.template_vars, spec.dataset.max_samples
+    )
+    if not examples:
+        raise SpecError(f"dataset.names: {', '.join(spec.dataset.names)} hold no rows")
+    eval_prompts(spec.evaluate.identity_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
+    eval_prompts(spec.evaluate.control_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    from tasks.child_process import WorkerError
+    from tasks.dataset_registry import DataError
+    from tasks.materialize_model import ModelSourceError
+
+    return SpecError, DataError, ModelSourceError, WorkerError
+
+
+def table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def summary(result: dict[str, Any], workspace: Path) -> str:
+    stages = result["stages"]
+    rows = [
+        [name, "completed", "reused" if m["reused"] else "ran", f"{m['elapsed_s']:.1f}s"] for name, m in stages.items()
+    ]
+    parts = ["Stages", table(rows, ["stage", "status", "ran/reused", "duration"])]
+    metrics = stages.get("evaluate", {}).get("metrics", {})
+    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_"))})
+    if names:
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        rows = [[n, fmt(metrics.get(f"base_{n}")), fmt(metrics.get(f"tuned_{n}"))] for n in names]
+        parts += ["", "Evaluation (before -> after)", table(rows, ["metric", "base", "tuned"])]
+    export = stages.get("export")
+    if export:
+        model_dir = Path(export["output_dir"]) / export["info"]["model_dir"]
+        info = export["info"]
+        parts += [
+            "",
+            f"Exported model: {model_dir}",
+            f"  registered in MLflow as {info['registered_model']} version {info['version']} "
+            f"(@{info['alias']}); chat with it: tunefactory chat {model_dir}",
+        ]
+    tracking = result["tracking"]
+    uri = tracking["uri"]
+    parts += ["", f"MLflow run {tracking['parent_run_id']} (experiment {tracking['experiment_id']}):"]
+    if uri.startswith("sqlite"):
+        parts.append(f"  mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+    else:
+        parts.append(f"  {uri}/#/experiments/{tracking['experiment_id']}/runs/{tracking['parent_run_id']}")
+    flow_run_id = result.get("flow_run_id", "")
+    if os.environ.get("PREFECT_API_URL"):
+        ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+        parts.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
+    else:
+        parts.append(
+            f"Prefect flow run {flow_run_id}: prefect server start   then open "
+            f"http://127.0.0.1:4200/runs/flow-run/{flow_run_id} (the local history is kept)"
+        )
+    return "\n".join(parts)
+
+
+def command_run(args: argparse.Namespace) -> int:
+    spec = load_spec(args.spec, args.set)
+    check_inputs(spec)
+    from flows.pipeline import finetune
+
+    result = finetune(spec)
+    print()
+    print(summary(result, Path(spec.workspace)))
+    return 0
+
+
+def command_preview(args: argparse.Namespace) -> int:
+    from tasks.template_dataset import preview_rows, split_examples, templated_examples
+
+    spec = load_spec(args.spec, args.set)
+    examples, sources = templated_examples(
+        spec.dataset.names, spec.dataset.registry, spec.dataset.template_vars, spec.dataset.max_samples
+    )
+    train, val = split_examples(examples, spec.dataset.val_size, spec.dataset.shuffle, spec.dataset.seed)
+    for source in sources:
+        print(f"{source['name']}: {source['rows']} rows from {source['file']}")
+    print(f"{len(train)} training rows, {len(val)} validation rows; the first {args.rows}:\n")
+    for row in preview_rows(train, args.rows):
+        print(f"[{row.pop('dataset')} #{row.pop('row')}]")
+        for role, text in row.items():
+            print(f"  {role:>9}: {text}")
+    return 0
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    import yaml
+
+    spec = load_spec(args.spec, args.set)
+    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+    print(f"# valid; spec hash {spec.digest()}")
+    return 0
+
+
+def command_schema(_: argparse.Namespace) -> int:
+    def walk(model: type, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            annotation = field.annotation
+            if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+                print(f"{prefix}{name}:  # {field.description}")
+                walk(annotation, prefix + "  ")
+            else:
+                default = field.get_default(call_default_factory=True)
+                print(f"{prefix}{name}: {default!r}  # {field.description}")
+
+    walk(PipelineSpec, "")
+    return 0
+
+
+def command_chat(args: argparse.Namespace) -> int:
+    from tasks.chat import chat_loop
+
+    chat_loop(args.path, max_new_tokens=args.max_new_tokens, system=args.system)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="tunefactory", description="LLM fine-tuning as a declarative pipeline.")
+    commands = main.add_subparsers(dest="command", required=True)
+
+    def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("spec", help="pipeline spec (YAML)")
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a spec value, e.g. train.learning_rate=1e-4 (repeatable)",
+        )
+        return sub
+
+    with_spec("run", "run the pipeline").set_defaults(handler=command_run)
+    preview = with_spec("preview", "show the first rows after templating")
+    preview.add_argument("--rows", type=int, default=5)
+    preview.set_defaults(handler=command_preview)
+    with_spec("validate", "check a spec and print it resolved").set_defaults(handler=command_validate)
+    commands.add_parser("schema", help="list every spec key with its default").set_defaults(handler=command_schema)
+    chat = commands.add_parser("chat", help="talk to an exported model or an adapter checkpoint")
+    chat.add_argument("path", help="exported model directory, or a directory holding adapter_config.json")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
+    chat.set_defaults(handler=command_chat)
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except user_errors() as exc:
+        print(f"tunefactory: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("tunefactory: interrupted; finished stages are kept and reused on the next run", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The fine-tuning pipeline as a Prefect flow: the list of stages, top to bottom.
+
+    materialize base model -> template dataset -> tokenize -> train -> evaluate -> merge & export
+
+Run it with `tunefactory run deployments/self_cognition.yaml`, or call `finetune(spec)`.
+Each stage is a task that returns a manifest (tasks/stage_output.py) and logs a child run
+under this pipeline run's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.runtime import flow_run
+
+from flows.spec import PipelineSpec
+from tasks.evaluate import evaluate_model
+from tasks.export import merge_and_export
+from tasks.materialize_model import materialize_base_model
+from tasks.template_dataset import template_dataset
+from tasks.tokenize_dataset import tokenize_dataset
+from tasks.tracking import end_pipeline_run, start_pipeline_run
+from tasks.train import train_model
+
+
+@flow(name="finetune", flow_run_name="{spec.name}", log_prints=True)
+def finetune(spec: PipelineSpec) -> dict[str, Any]:
+    """Fine-tune, evaluate and export a model as the spec describes."""
+    workspace = Path(spec.workspace).resolve()
+    tracking = start_pipeline_run(
+        spec.name,
+        workspace,
+        spec.model_dump(mode="json"),
+        tags={
+            "prefect_flow_run_id": str(flow_run.id),
+            "prefect_flow_run_url": str(flow_run.ui_url),
+            "flow_run_name": str(flow_run.name),
+            "spec_digest": spec.digest(),
+        },
+    )
+    stages = {}
+    try:
+        stages["model"] = base = materialize_base_model(spec.model.name_or_path, workspace, tracking)
+        stages["template"] = templated = template_dataset(spec.dataset, workspace, tracking)
+        stages["tokenize"] = tokenized = tokenize_dataset(spec.tokenize, templated, base, workspace, tracking)
+        stages["train"] = trained = train_model(spec.train, tokenized, base, workspace, tracking)
+        stages["evaluate"] = evaluated = evaluate_model(
+            spec.evaluate,
+            spec.dataset.registry,
+            spec.dataset.template_vars,
+            spec.train.compute_type,
+            trained,
+            tokenized,
+            base,
+            workspace,
+            tracking,
+        )
+        stages["export"] = merge_and_export(
+            spec.export, spec.name, spec.digest(), trained, evaluated, templated, base, workspace, tracking
+        )
+    except BaseException:
+        end_pipeline_run(tracking, succeeded=False)
+        raise
+    end_pipeline_run(tracking, succeeded=True, metrics=evaluated.metrics)
+    return {
+        "flow_run_id": str(flow_run.id),
+        "tracking": tracking.model_dump(),
+        "stages": {k: v.model_dump() for k, v in stages.items()},
+    }

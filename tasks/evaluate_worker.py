@@ -1,0 +1,101 @@
+"""The evaluation child process: `python -m tasks.evaluate_worker OUTPUT/evaluate_config.json`.
+
+Launched by the evaluate task (tasks/evaluate.py). For the fine-tuned model and, when asked,
+the base model it computes validation loss and perplexity, answers every evaluation prompt
+with greedy decoding, and scores the answers (tasks/scoring.py). Writes `answers.json` and
+emits a `metrics` event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.child_process import emit, worker_entry
+from tasks.modeling import compute_setup, load_model, pad_batch, supervised_loss
+from tasks.scoring import score_answers
+
+
+@torch.no_grad()
+def validation_loss(model, dataset_dir: Path, pad_id: int, batch_size: int, device) -> float | None:
+    from datasets import load_from_disk
+
+    split = dataset_dir / "val"
+    if not split.exists():
+        return None
+    columns = load_from_disk(str(split)).to_dict()
+    if not columns.get("input_ids"):
+        return None
+    total, count = 0.0, 0
+    for start in range(0, len(columns["input_ids"]), batch_size):
+        ids, mask, labels = pad_batch(
+            columns["input_ids"][start : start + batch_size], columns["labels"][start : start + batch_size], pad_id
+        )
+        loss, tokens = supervised_loss(model, ids.to(device), mask.to(device), labels.to(device))
+        total, count = total + float(loss), count + tokens
+    return total / max(count, 1)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
+    """Greedy answers to single-turn prompts, rendered with the model's chat template."""
+    tokenizer.padding_side = "left"
+    answers = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts[start : start + batch_size]
+        ]
+        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        output = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return answers
+
+
+def evaluate(config: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer
+
+    setup = compute_setup(config["compute_type"])
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    identity, control = config["identity"], config["control"]
+    prompts = [row["prompt"] for row in identity] + [row["prompt"] for row in control]
+    model = load_model(config["model_path"], config.get("adapter_path"), setup.device)
+    # a full fine-tune's weights are a model of their own; a LoRA adapter sits on the base
+    tuned = load_model(config["tuned_model_path"], None, setup.device) if config.get("tuned_model_path") else model
+    tuned.eval()
+    autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
+    dataset_dir = Path(config["dataset_dir"])
+    variants = {"tuned": tuned}
+    if config["compare_base"]:
+        variants["base"] = model
+    results: dict[str, Any] = {}
+    for name, variant in variants.items():
+        # with an adapter, the base model is the same weights with the adapter switched off
+        adapter_off = variant.disable_adapter() if name == "base" and config.get("adapter_path") else nullcontext()
+        with adapter_off, autocast:
+            loss = validation_loss(variant, dataset_dir, tokenizer.pad_token_id, config["batch_size"], setup.device)
+            answers = generate_answers(
+                variant, tokenizer, prompts, config["max_new_tokens"], config["batch_size"], setup.device
+            )
+        scores = score_answers(identity, control, answers, config["template_vars"])
+        if loss is not None:
+            scores["metrics"].update({"val_loss": loss, "perplexity": math.exp(min(loss, 50))})
+        results[name] = scores
+        emit({"type": "metrics", "variant": name, "metrics": scores["metrics"]})
+    Path(config["output_dir"], "answers.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
+
+
+if __name__ == "__main__":
+    worker_entry(evaluate)

@@ -1,0 +1,160 @@
+"""Stage 6: merge the adapter, save sharded safetensors with a model card, register in MLflow.
+
+The heavy part runs in tasks/export_worker.py. The model card records the lineage: base
+model and its digest, dataset files and digests, template values, spec hash and the
+evaluation metrics. `<workspace>/models/<spec name>` points at the newest export.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from flows.spec import ExportSpec
+from tasks.child_process import run_worker
+from tasks.materialize_model import base_model_path
+from tasks.stage_output import Manifest, StageResult, code_version, point_link, run_stage
+from tasks.tracking import StageRun, Tracking
+
+HERE = Path(__file__).resolve().parent
+
+
+def model_card(name: str, lineage: dict[str, Any], metrics: dict[str, float]) -> str:
+    sources = "\n".join(f"| {s['name']} | `{s['sha256'][:16]}` | {s['rows']} |" for s in lineage["datasets"])
+    values = ", ".join(f"{k} = {v!r}" for k, v in lineage["template_vars"].items()) or "none"
+    scores = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()))
+    return f"""# {name}
+
+Fine-tuned with tunefactory ({lineage["finetuning_type"]}) from `{lineage["base_model"]}`.
+
+## Lineage
+
+- base model digest (sha256): `{lineage["base_model_digest"]}`
+- spec hash: `{lineage["spec_digest"]}`
+- template values: {values}
+- training run (MLflow): `{lineage["train_run_id"]}`
+
+| dataset | sha256 | rows |
+|---|---|---|
+{sources}
+
+## Evaluation at export time
+
+| metric | value |
+|---|---|
+{scores}
+
+Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)`, or chat with
+`tunefactory chat <this directory>`.
+"""
+
+
+def register_model(
+    tracking: Tracking, run_id: str, name: str, alias: str, model_dir: Path, tags: dict[str, str]
+) -> str:
+    """The Model Registry version for an export run, created once; the alias points at it.
+
+    Idempotent, so a reused export (or one whose registration was interrupted) is registered
+    exactly once and keeps its version number.
+    """
+    from mlflow.exceptions import MlflowException
+
+    client = tracking.client()
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        version = client.create_model_version(
+            name, source=model_dir.resolve().as_uri(), run_id=run_id, tags=tags
+        ).version
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def _build(
+    config: ExportSpec,
+    worker: dict[str, Any],
+    name: str,
+    lineage: dict[str, Any],
+    eval_metrics: dict[str, float],
+    out: Path,
+    run: StageRun,
+) -> StageResult:
+    logger = get_run_logger()
+    checks: dict[str, float] = {}
+
+    def on_event(event: dict[str, Any]) -> None:
+        if event.get("type") == "checked":
+            checks.update({k: v for k, v in event.items() if k != "type"})
+
+    run_worker(
+        "tasks.export_worker",
+        {**worker, "output_dir": str(out)},
+        out / "export_config.json",
+        on_event,
+        on_output=logger.info,
+    )
+    (out / "model" / "README.md").write_text(model_card(name, lineage, eval_metrics), encoding="utf-8")
+    (out / "model" / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    size = sum(p.stat().st_size for p in (out / "model").iterdir())
+    return StageResult(metrics={**checks, "model_size_mb": size / 1e6}, info={"model_dir": "model"})
+
+
+@task(name="merge-and-export", task_run_name="merge and export")
+def merge_and_export(
+    config: ExportSpec,
+    name: str,
+    spec_digest: str,
+    trained: Manifest,
+    evaluated: Manifest | None,
+    templated: Manifest,
+    base_model: Manifest,
+    workspace: Path,
+    tracking: Tracking,
+) -> Manifest:
+    """Write the merged model to <stage>/model and register it; info.model_dir and version."""
+    lineage = {
+        "base_model": base_model.info["name_or_path"],
+        "base_model_digest": base_model.info["source_digest"],
+        "datasets": templated.info["sources"],
+        "template_vars": templated.info["template_vars"],
+        "spec_digest": spec_digest,
+        "finetuning_type": trained.info["finetuning_type"],
+        "train_run_id": trained.mlflow_run_id,
+    }
+    worker = {
+        **config.model_dump(mode="json"),
+        "model_path": str(base_model_path(base_model)),
+        "weights_path": str(trained.path / trained.info["weights_dir"]),
+        "finetuning_type": trained.info["finetuning_type"],
+    }
+    eval_metrics = evaluated.metrics if evaluated else {}
+    manifest = run_stage(
+        "export",
+        {**config.model_dump(mode="json"), "name": name},
+        [trained, base_model],
+        code_version(__file__, str(HERE / "export_worker.py")),
+        workspace,
+        tracking,
+        lambda out, run: _build(config, worker, name, lineage, eval_metrics, out, run),
+    )
+    model_dir = manifest.path / "model"
+    point_link(workspace / "models" / name, model_dir)
+    registered = config.registered_model_name or name
+    tags = {
+        "spec_digest": spec_digest,
+        "base_model_digest": lineage["base_model_digest"],
+        **{k: f"{v:.4f}" for k, v in eval_metrics.items() if k.startswith("tuned_")},
+    }
+    version = register_model(tracking, manifest.mlflow_run_id, registered, config.alias, model_dir, tags)
+    get_run_logger().info("registered %s version %s as @%s", registered, version, config.alias)
+    info = {**manifest.info, "registered_model": registered, "version": version, "alias": config.alias}
+    return manifest.model_copy(update={"info": info})

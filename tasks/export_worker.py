@@ -1,0 +1,74 @@
+"""The export child process: `python -m tasks.export_worker OUTPUT/export_config.json`.
+
+Launched by the merge-and-export task (tasks/export.py). Merges a LoRA adapter into its base
+(or takes fully fine-tuned weights as they are), checks that the merged model's logits match
+the adapter model's, saves safetensors shards with the tokenizer and generation config, then
+reloads the saved files and checks the logits once more.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.child_process import WorkerError, emit, worker_entry
+from tasks.modeling import load_model
+
+CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
+
+
+@torch.no_grad()
+def logits_for(model, batch) -> torch.Tensor:
+    return model(**batch).logits.float()
+
+
+def export(config: dict[str, Any]) -> None:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    out = Path(config["output_dir"]) / "model"
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in CHECK_PROMPTS
+    ]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+    if config["finetuning_type"] == "lora":
+        model = load_model(config["model_path"], config["weights_path"]).eval()
+        reference = logits_for(model, batch)
+        model = model.merge_and_unload()
+    else:
+        model = load_model(config["weights_path"]).eval()
+        reference = logits_for(model, batch)
+    merged_diff = (logits_for(model, batch) - reference).abs().max().item()
+    if merged_diff > config["logits_atol"]:
+        raise WorkerError(
+            f"merged logits differ from the adapter model's by {merged_diff:.2e} "
+            f"(export.logits_atol is {config['logits_atol']:.0e})"
+        )
+    model.generation_config = GenerationConfig.from_pretrained(config["model_path"])
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=config["max_shard_size"])
+    tokenizer.padding_side = "right"
+    tokenizer.save_pretrained(out)
+    del model
+
+    reloaded = load_model(out).eval()
+    reload_diff = (logits_for(reloaded, batch) - reference).abs().max().item()
+    if reload_diff > config["logits_atol"]:
+        raise WorkerError(f"the saved model's logits differ from the adapter model's by {reload_diff:.2e}")
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    emit(
+        {
+            "type": "checked",
+            "merged_logits_max_diff": merged_diff,
+            "reloaded_logits_max_diff": reload_diff,
+            "shards": len(shards),
+        }
+    )
+
+
+if __name__ == "__main__":
+    worker_entry(export)

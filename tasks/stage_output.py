@@ -1,0 +1,177 @@
+"""The stage contract: cache keys, manifests, atomic outputs and reuse.
+
+A stage writes into `<workspace>/stages/<stage>/<key>.partial/`, and only a complete output is
+renamed to `<workspace>/stages/<stage>/<key>/` with a `manifest.json` listing every file's
+sha256. A later run with the same key reuses that directory after checking the hashes; a
+missing or altered file makes the stage run again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tasks.tracking import StageRun, Tracking, record_reused_stage, stage_run
+
+MANIFEST = "manifest.json"
+
+
+class StageResult(BaseModel):
+    """What a stage's build function hands back: its metrics and stage-specific facts."""
+
+    metrics: dict[str, float] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class Manifest(BaseModel):
+    """A finished stage output: small, JSON-able, and enough to verify and reuse it."""
+
+    stage: str
+    key: str
+    output_dir: str
+    files: dict[str, str] = Field(description="relative path -> sha256")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    created_at: float = 0.0
+    duration_s: float = Field(0.0, description="how long building the output took")
+    reused: bool = False
+    elapsed_s: float = Field(0.0, description="time this run spent on the stage (set on return)")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output_dir)
+
+    def digest(self) -> str:
+        """Content identity of the output, used in downstream cache keys."""
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def code_version(*source_files: str) -> str:
+    """Hash of the source files that compute a stage: editing them invalidates its cache."""
+    digest = hashlib.sha256()
+    for name in source_files:
+        digest.update(Path(name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_key(stage: str, config: dict[str, Any], upstream: list[Manifest], version: str) -> str:
+    """The one cache-key function: stage name, its config section, upstream digests, code version."""
+    payload = {
+        "stage": stage,
+        "config": config,
+        "upstream": sorted(manifest.digest() for manifest in upstream),
+        "code": version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_dir(workspace: Path, stage: str, key: str) -> Path:
+    return workspace / "stages" / stage / key
+
+
+def load_finished(workspace: Path, stage: str, key: str) -> Manifest | None:
+    """The manifest of a finished output whose files all match their hashes, else None."""
+    directory = stage_dir(workspace, stage, key)
+    try:
+        manifest = Manifest.model_validate_json((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    for relative, expected in manifest.files.items():
+        file = directory / relative
+        if not file.is_file() or sha256_file(file) != expected:
+            return None
+    return manifest.model_copy(update={"output_dir": str(directory)})
+
+
+def build_output(
+    workspace: Path,
+    stage: str,
+    key: str,
+    build: Callable[[Path], StageResult],
+    mlflow_run_id: str | None = None,
+    resumable: bool = False,
+) -> Manifest:
+    """Run `build` in the stage's partial directory, then publish it atomically.
+
+    A resumable stage (training) keeps what a failed attempt left in the partial directory,
+    so it finds its checkpoints there; any other stage starts from an empty one.
+    """
+    final = stage_dir(workspace, stage, key)
+    partial = final.with_name(key + ".partial")
+    if not resumable:
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = build(partial)
+    files = {
+        str(path.relative_to(partial)): sha256_file(path)
+        for path in sorted(partial.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    manifest = Manifest(
+        stage=stage,
+        key=key,
+        output_dir=str(final),
+        files=files,
+        metrics=result.metrics,
+        info=result.info,
+        mlflow_run_id=mlflow_run_id,
+        created_at=started,
+        duration_s=round(time.time() - started, 2),
+    )
+    (partial / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    if final.exists():  # an output that failed verification: replace it
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return manifest
+
+
+def run_stage(
+    stage: str,
+    config: dict[str, Any],
+    upstream: list[Manifest],
+    version: str,
+    workspace: Path,
+    tracking: Tracking,
+    build: Callable[[Path, StageRun], StageResult],
+    resumable: bool = False,
+) -> Manifest:
+    """Reuse the stage's verified output if its key matches, else build it under a child run."""
+    started = time.time()
+    key = cache_key(stage, config, upstream, version)
+    finished = load_finished(workspace, stage, key)
+    if finished is not None:
+        record_reused_stage(tracking, stage, key, finished.mlflow_run_id)
+        return finished.model_copy(update={"reused": True, "elapsed_s": round(time.time() - started, 2)})
+    with stage_run(tracking, stage, config) as run:
+        run.set_tags({"cache_key": key})
+        manifest = build_output(workspace, stage, key, lambda out: build(out, run), run.run_id, resumable)
+        run.log_metrics(manifest.metrics)
+        run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+    return manifest.model_copy(update={"elapsed_s": round(time.time() - started, 2)})
+
+
+def point_link(link: Path, target: Path) -> Path:
+    """Make `link` a symlink to `target`, replacing an older one: stable names for outputs."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=True)
+    return link

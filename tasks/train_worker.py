@@ -1,0 +1,277 @@
+"""The training child process: `python -m tasks.train_worker OUTPUT/train_config.json`.
+
+Launched by the train task (tasks/train.py). It fine-tunes with LoRA or all weights, prints
+a progress bar on stderr, streams `log` events (loss, learning rate, throughput) to the task,
+writes a checkpoint every `save_steps` optimizer steps, and on start resumes from the newest
+complete checkpoint in its output directory. Outputs: `adapter/` or `model/`,
+`loss_history.jsonl`, `loss_curve.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.child_process import emit, worker_entry
+from tasks.modeling import compute_setup, load_model, lora_targets, pad_batch, supervised_loss
+
+CHECKPOINTS = "checkpoints"
+
+
+def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffled batches of similar lengths: less padding, same order for the same seed and epoch."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    chunk = batch_size * 16
+    batches = []
+    for start in range(0, len(order), chunk):
+        group = sorted(order[start : start + chunk], key=lambda i: lengths[i], reverse=True)
+        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def build_model(config: dict[str, Any], device: torch.device) -> torch.nn.Module:
+    model = load_model(config["model_path"], trust_remote_code=config.get("trust_remote_code", False))
+    if config["finetuning_type"] == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        lora = config["lora"]
+        peft_config = LoraConfig(
+            r=lora["rank"],
+            lora_alpha=lora["alpha"],
+            lora_dropout=lora["dropout"],
+            target_modules=lora_targets(model, lora["target_modules"]),
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, peft_config)
+    return model.to(device)
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_scheduler(config: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = config["lr_scheduler"]
+    kwargs = {}
+    if name == "reduce_lr_on_plateau":
+        kwargs = {"patience": 2, "factor": 0.5}
+    return get_scheduler(
+        name,
+        optimizer,
+        num_warmup_steps=math.ceil(total_steps * config["warmup_ratio"]),
+        num_training_steps=total_steps,
+        scheduler_specific_kwargs=kwargs,
+    )
+
+
+def newest_checkpoint(output: Path) -> Path | None:
+    """The newest checkpoint that was written completely (it has its state file)."""
+    found = [
+        path
+        for path in (output / CHECKPOINTS).glob("checkpoint-*")
+        if path.is_dir() and (path / "trainer_state.pt").is_file() and path.name.split("-")[-1].isdigit()
+    ]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def save_weights(model: torch.nn.Module, directory: Path, finetuning_type: str) -> None:
+    if finetuning_type == "lora":
+        model.save_pretrained(directory)
+    else:
+        model.save_pretrained(directory, safe_serialization=True)
+
+
+def save_checkpoint(
+    output: Path, step: int, model, optimizer, scheduler, history: list[dict], config: dict[str, Any]
+) -> None:
+    """Write checkpoint-<step> atomically, then drop the oldest beyond save_total_limit."""
+    root = output / CHECKPOINTS
+    final = root / f"checkpoint-{step}"
+    partial = root / f".checkpoint-{step}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_weights(model, partial / "weights", config["finetuning_type"])
+    state = {
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": history,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    torch.save(state, partial / "trainer_state.pt")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    complete = sorted(
+        (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+    )
+    for old in complete[: -config["save_total_limit"]]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, finetuning_type: str) -> dict:
+    weights = checkpoint / "weights"
+    if finetuning_type == "lora":
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        set_peft_model_state_dict(model, load_file(weights / "adapter_model.safetensors"))
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(weights).state_dict())
+    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return state
+
+
+def plot_loss(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker="o", markersize=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (cross-entropy, nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(config: dict[str, Any]) -> None:
+    from datasets import load_from_disk
+    from tqdm import tqdm
+
+    output = Path(config["output_dir"])
+    setup = compute_setup(config["compute_type"])
+    torch.manual_seed(config["seed"])
+    random.seed(config["seed"])
+
+    data = load_from_disk(str(Path(config["dataset_dir"]) / "train"))
+    columns = data.to_dict()
+    sequences, labels = columns["input_ids"], columns["labels"]
+    lengths = [len(seq) for seq in sequences]
+    pad_id = config["pad_token_id"]
+
+    model = build_model(config, setup.device)
+    model.train()
+    params = trainable_parameters(model)
+    optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
+    accumulation = config["gradient_accumulation_steps"]
+    batches_per_epoch = math.ceil(len(sequences) / config["batch_size"])
+    steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
+    total_steps = max(1, math.ceil(steps_per_epoch * config["num_epochs"]))
+    scheduler = make_scheduler(config, optimizer, total_steps)
+
+    step, history = 0, []
+    checkpoint = newest_checkpoint(output)
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model, optimizer, scheduler, config["finetuning_type"])
+        step, history = state["step"], state["history"]
+        emit({"type": "resumed", "step": step, "checkpoint": checkpoint.name})
+
+    trainable = sum(p.numel() for p in params)
+    total = sum(p.numel() for p in model.parameters())
+    emit(
+        {
+            "type": "start",
+            "total_steps": total_steps,
+            "trainable_params": trainable,
+            "total_params": total,
+            "examples": len(sequences),
+            "compute_type": setup.name,
+            "device": str(setup.device),
+        }
+    )
+
+    autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
+    scaler = torch.amp.GradScaler("cuda") if setup.autocast_dtype == torch.float16 else None
+    kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))
+    window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    while step < total_steps:
+        epoch, position = divmod(step * accumulation, batches_per_epoch)
+        batches = epoch_batches(lengths, config["batch_size"], config["seed"], epoch)
+        group = batches[position : position + accumulation]
+        supervised = sum(sum(label != -100 for label in labels[i][1:]) for batch in group for i in batch)
+        for batch in group:
+            ids, mask, target = pad_batch([sequences[i] for i in batch], [labels[i] for i in batch], pad_id)
+            ids, mask, target = ids.to(setup.device), mask.to(setup.device), target.to(setup.device)
+            with autocast:
+                loss_sum, _ = supervised_loss(model, ids, mask, target)
+            loss = loss_sum / max(supervised, 1)
+            (scaler.scale(loss) if scaler else loss).backward()
+            window_loss += float(loss_sum)
+            window_seen += int(mask.sum())
+        window_tokens += supervised
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"] or float("inf"))
+        if scaler:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        progress.update(1)
+        if step % config["logging_steps"] == 0 or step == total_steps:
+            loss_value = window_loss / max(window_tokens, 1)
+            elapsed = time.time() - window_start
+            record = {
+                "step": step,
+                "epoch": round(step / steps_per_epoch, 3),
+                "loss": round(loss_value, 5),
+                "learning_rate": optimizer.param_groups[0]["lr"],
+                "grad_norm": round(float(grad_norm), 4),
+                "tokens_per_second": round(window_seen / max(elapsed, 1e-9), 1),
+            }
+            history.append(record)
+            emit({"type": "log", **record})
+            progress.set_postfix(loss=f"{loss_value:.4f}")
+            window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
+            if config["lr_scheduler"] == "reduce_lr_on_plateau":
+                scheduler.step(loss_value)
+        if config["lr_scheduler"] != "reduce_lr_on_plateau":
+            scheduler.step()
+        if step % config["save_steps"] == 0 and step < total_steps:
+            save_checkpoint(output, step, model, optimizer, scheduler, history, config)
+            emit({"type": "checkpoint", "step": step})
+        if kill_at and step == kill_at:  # fault injection for the crash-resume tests
+            os.kill(os.getpid(), 9)
+    progress.close()
+
+    save_weights(
+        model, output / ("adapter" if config["finetuning_type"] == "lora" else "model"), config["finetuning_type"]
+    )
+    with (output / "loss_history.jsonl").open("w") as handle:
+        handle.writelines(json.dumps(record) + "\n" for record in history)
+    plot_loss(
+        history, output / "loss_curve.png", f"{config['finetuning_type']} fine-tune, lr={config['learning_rate']}"
+    )
+    emit({"type": "done", "step": step, "final_loss": history[-1]["loss"] if history else float("nan")})
+
+
+if __name__ == "__main__":
+    worker_entry(train)

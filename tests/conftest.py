@@ -1,0 +1,89 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, Prefect's test harness."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def build_tiny_llama(directory: Path) -> Path:
+    """A 2-layer random Llama (about 3.3M parameters, mostly embeddings) with SmolLM2's tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from tasks.materialize_model import packaged_gguf
+
+    gguf = packaged_gguf("packaged:smollm2-135m-instruct")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_model: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for the whole session (it takes seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def tiny_spec(tiny_model: Path, workspace: Path):
+    """A spec that runs the whole pipeline on the tiny model in seconds, in its own workspace."""
+    from flows.spec import validate_spec
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # MLflow on SQLite inside the workspace
+    return validate_spec(
+        {
+            "name": "tiny-test",
+            "workspace": str(workspace),
+            "model": {"name_or_path": str(tiny_model)},
+            "dataset": {"max_samples": 12, "template_vars": {"name": "Nova", "author": "Acme Labs"}},
+            "tokenize": {"cutoff_len": 128},
+            "train": {
+                "num_epochs": 2,
+                "batch_size": 4,
+                "learning_rate": 1e-3,
+                "logging_steps": 1,
+                "save_steps": 3,
+                "lora": {"rank": 4, "alpha": 8},
+            },
+            "evaluate": {"max_new_tokens": 4},
+            "export": {"max_shard_size": "2MB"},
+        }
+    )

@@ -1,0 +1,118 @@
+"""The whole pipeline as a Prefect flow on a tiny random Llama, with MLflow on temporary SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_spec
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from flows.pipeline import finetune
+
+STAGES = ["model", "template", "tokenize", "train", "evaluate", "export"]
+
+
+def read_task_run_names(flow_run_id: str) -> list[str]:
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+        return sorted(run.name for run in runs)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    spec = tiny_spec(tiny_model, tmp_path_factory.mktemp("flow") / "workspace")
+    return spec, finetune(spec)
+
+
+def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_model: Path):
+    spec, result = first_run
+    stages = result["stages"]
+    assert list(stages) == STAGES
+    for name in STAGES:
+        manifest = stages[name]
+        assert not manifest["reused"]
+        assert (Path(manifest["output_dir"]) / "manifest.json").is_file()
+        assert all((Path(manifest["output_dir"]) / f).is_file() for f in manifest["files"])
+    assert stages["template"]["metrics"]["train_rows"] + stages["template"]["metrics"]["val_rows"] == 24
+    assert stages["tokenize"]["metrics"]["train_supervised_tokens"] > 0
+    assert stages["train"]["info"]["trainable_params"] < stages["train"]["info"]["total_params"] / 10
+    assert "tuned_identity_hit_rate" in stages["evaluate"]["metrics"]
+    assert stages["export"]["metrics"]["merged_logits_max_diff"] <= spec.export.logits_atol
+    model_dir = Path(stages["export"]["output_dir"]) / "model"
+    assert len(list(model_dir.glob("model-*.safetensors"))) >= 2, "max_shard_size 2MB gives several shards"
+    card = (model_dir / "README.md").read_text()
+    assert "Nova" in card and stages["model"]["info"]["source_digest"] in card
+
+    # Prefect: one named task run per stage
+    assert read_task_run_names(result["flow_run_id"]) == sorted(
+        [
+            "materialize base model",
+            "template dataset",
+            "tokenize dataset",
+            "train (sft, lora)",
+            "evaluate",
+            "merge and export",
+        ]
+    )
+
+    # MLflow: a parent run with the spec, a child run per stage with params and metrics
+    client = MlflowClient(result["tracking"]["uri"])
+    parent = client.get_run(result["tracking"]["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["prefect_flow_run_id"] == result["flow_run_id"]
+    assert parent.data.tags["spec_digest"] == spec.digest()
+    assert "spec.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    children = client.search_runs(
+        [result["tracking"]["experiment_id"]], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
+    by_stage = {run.data.tags["stage"]: run for run in children}
+    assert sorted(by_stage) == sorted(STAGES)
+    train_run = by_stage["train"]
+    assert train_run.data.params["learning_rate"] == str(spec.train.learning_rate)
+    losses = client.get_metric_history(train_run.info.run_id, "loss")
+    assert len(losses) == stages["train"]["metrics"]["steps"] >= 4
+    assert "loss_curve.png" in [a.path for a in client.list_artifacts(train_run.info.run_id)]
+    assert by_stage["template"].inputs.dataset_inputs, "datasets are logged as MLflow inputs"
+    version = client.get_model_version_by_alias("tiny-test", "candidate")
+    assert version.run_id == by_stage["export"].info.run_id
+    assert Path(version.source.removeprefix("file://")) == model_dir.resolve()
+
+    # Learning happened where it should: LoRA layers moved, everything frozen stayed put
+    adapter = load_file(Path(stages["train"]["output_dir"]) / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert lora_b and all(t.abs().max() > 0 for t in lora_b), "lora_B starts at zero and must have trained"
+    base = load_file(tiny_model / "model.safetensors")
+    merged = {}
+    for shard in model_dir.glob("*.safetensors"):
+        merged.update(load_file(shard))
+    for name, weight in base.items():
+        if name not in merged:
+            continue
+        if any(m in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
+            assert not torch.equal(weight, merged[name]), f"{name} should carry the merged LoRA update"
+        else:
+            assert torch.equal(weight, merged[name]), f"{name} is frozen and must not change"
+
+
+def test_rerun_reuses_every_stage_and_eval_change_reruns_only_evaluation(first_run):
+    spec, first = first_run
+    second = finetune(spec)
+    assert all(m["reused"] for m in second["stages"].values())
+    client = MlflowClient(second["tracking"]["uri"])
+    reused = client.search_runs(
+        [second["tracking"]["experiment_id"]], f"tags.mlflow.parentRunId = '{second['tracking']['parent_run_id']}'"
+    )
+    producers = {run.data.tags["stage"]: run.data.tags["produced_by_run_id"] for run in reused}
+    assert producers["train"] == first["stages"]["train"]["mlflow_run_id"]
+
+    changed = spec.model_copy(deep=True)
+    changed.evaluate.max_new_tokens = 6
+    third = finetune(changed)
+    ran = [name for name, m in third["stages"].items() if not m["reused"]]
+    assert ran == ["evaluate"]

@@ -1,0 +1,118 @@
+"""Spec validation: every mistake names the key path, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows.cli import check_inputs, main
+from flows.spec import PipelineSpec, SpecError, load_spec, validate_spec
+from tasks.dataset_registry import DataError
+
+DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
+
+
+def write_spec(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOYMENTS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_spec_loads_and_says_how_to_run_it(path: Path):
+    assert path.read_text().startswith("# Run with:"), "a shipped YAML starts with the command that runs it"
+    spec = load_spec(path)
+    check_inputs(spec)
+
+
+def test_defaults_form_a_valid_spec():
+    spec = PipelineSpec()
+    assert spec.model.name_or_path == "packaged:smollm2-135m-instruct"
+    assert spec.train.finetuning_type == "lora"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"train": {"lr_scheduler": "cosin"}}, "train.lr_scheduler: 'cosin' is not one of linear, cosine,"),
+        ({"train": {"learning_rat": 1e-4}}, "train.learning_rat: unknown key"),
+        ({"trian": {}}, "trian: unknown key"),
+        ({"train": {"learning_rate": "fast"}}, "train.learning_rate: 'fast'"),
+        ({"train": {"learning_rate": -1}}, "train.learning_rate: -1: Input should be greater than 0"),
+        ({"train": {"finetuning_type": "lorra"}}, "train.finetuning_type: 'lorra' is not one of 'lora', 'full'"),
+        ({"train": {"compute_type": "fp8"}}, "train.compute_type: 'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'"),
+        ({"dataset": {"val_size": 1.5}}, "dataset.val_size: 1.5: Input should be less than 1"),
+        ({"dataset": {"names": []}}, "dataset.names: []: List should have at least 1 item"),
+        ({"export": {"max_shard_size": "big"}}, "export.max_shard_size: 'big' is not a size like '500MB'"),
+        ({"train": {"finetuning_type": "full", "lora": {"rank": 8}}}, "train: lora settings are given but"),
+        ({"name": "my model"}, "name: 'my model' must be letters, digits"),
+    ],
+)
+def test_bad_spec_names_key_value_and_what_is_allowed(data: dict, expected: str):
+    with pytest.raises(SpecError) as error:
+        validate_spec(data)
+    assert expected in str(error.value)
+
+
+def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path):
+    path = write_spec(tmp_path, {"train": {"learning_rate": 5e-4}})
+    spec = load_spec(path, ["train.learning_rate=1e-4", "train.lora.rank=4", "dataset.names=[self_cognition]"])
+    assert spec.train.learning_rate == pytest.approx(1e-4)
+    assert spec.train.lora.rank == 4
+    assert spec.dataset.names == ["self_cognition"]
+    with pytest.raises(SpecError, match="train.lr_scheduler: 'nope' is not one of"):
+        load_spec(path, ["train.lr_scheduler=nope"])
+    with pytest.raises(SpecError, match=r"train.learning_rate is a value, not a section"):
+        load_spec(path, ["train.learning_rate.x=1"])
+    with pytest.raises(SpecError, match="expected key.path=value"):
+        load_spec(path, ["train.learning_rate"])
+
+
+def test_missing_and_malformed_spec_files(tmp_path: Path):
+    with pytest.raises(SpecError, match="no such spec file"):
+        load_spec(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(broken)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(SpecError, match="top level must be a mapping"):
+        load_spec(listed)
+
+
+def test_unknown_dataset_lists_the_registered_ones():
+    spec = validate_spec({"dataset": {"names": ["self_cognitoin"]}})
+    with pytest.raises(DataError, match="unknown dataset 'self_cognitoin'.*registers: .*self_cognition"):
+        check_inputs(spec)
+
+
+def test_missing_dataset_file_and_unreadable_row_name_file_and_row(tmp_path: Path):
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text('{"gone": {"file_name": "gone.json"}, "bad": {"file_name": "bad.json"}}')
+    (tmp_path / "bad.json").write_text('[{"instruction": "hi", "output": "hello"}, {"instruction": "no answer"}]')
+    with pytest.raises(DataError, match=r"dataset 'gone': file .*gone.json does not exist"):
+        check_inputs(validate_spec({"dataset": {"names": ["gone"], "registry": str(registry)}}))
+    with pytest.raises(DataError, match=r"bad.json: row 1 has no 'output' \(response\) text"):
+        check_inputs(validate_spec({"dataset": {"names": ["bad"], "registry": str(registry)}}))
+    (tmp_path / "bad.json").write_text('[{"instruction": "hi", "output": "hello"},\n oops]')
+    with pytest.raises(DataError, match=r"bad.json: not valid JSON at line 2"):
+        check_inputs(validate_spec({"dataset": {"names": ["bad"], "registry": str(registry)}}))
+
+
+def test_cli_reports_a_bad_spec_without_traceback_and_runs_no_stage(tmp_path: Path, capsys):
+    workspace = tmp_path / "ws"
+    path = write_spec(tmp_path, {"workspace": str(workspace), "train": {"lr_scheduler": "cosin"}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr_scheduler: 'cosin' is not one of" in err
+    assert "Traceback" not in err
+    assert not workspace.exists()
+
+    path = write_spec(tmp_path, {"workspace": str(workspace), "dataset": {"template_vars": {"name": "Nova"}}})
+    assert main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "placeholder <AUTHOR> has no value; set dataset.template_vars.author" in err
+    assert not workspace.exists()

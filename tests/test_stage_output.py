@@ -1,0 +1,48 @@
+"""The stage contract: keys follow their inputs, outputs appear atomically, damage is detected."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tasks.stage_output import StageResult, build_output, cache_key, load_finished
+
+
+def write_two_files(out: Path) -> StageResult:
+    (out / "a.txt").write_text("alpha")
+    (out / "sub").mkdir()
+    (out / "sub" / "b.bin").write_bytes(b"\x00" * 1000)
+    return StageResult(metrics={"rows": 2})
+
+
+def test_cache_key_follows_config_upstream_and_code(tmp_path: Path):
+    upstream = build_output(tmp_path, "up", "k1", write_two_files)
+    base = cache_key("train", {"lr": 1e-4}, [upstream], "v1")
+    assert base == cache_key("train", {"lr": 1e-4}, [upstream], "v1")
+    assert base != cache_key("train", {"lr": 2e-4}, [upstream], "v1")
+    assert base != cache_key("train", {"lr": 1e-4}, [], "v1")
+    assert base != cache_key("train", {"lr": 1e-4}, [upstream], "v2")
+    assert base != cache_key("evaluate", {"lr": 1e-4}, [upstream], "v1")
+
+
+def test_finished_output_is_reused_and_damage_is_detected(tmp_path: Path):
+    manifest = build_output(tmp_path, "stage", "key", write_two_files)
+    assert set(manifest.files) == {"a.txt", "sub/b.bin"}
+    assert load_finished(tmp_path, "stage", "key").files == manifest.files
+    big = manifest.path / "sub" / "b.bin"
+    big.write_bytes(b"\x00" * 500)  # truncated
+    assert load_finished(tmp_path, "stage", "key") is None
+    rebuilt = build_output(tmp_path, "stage", "key", write_two_files)
+    assert load_finished(tmp_path, "stage", "key").files == rebuilt.files
+
+
+def test_a_failed_build_publishes_nothing(tmp_path: Path):
+    def crash(out: Path) -> StageResult:
+        (out / "half.txt").write_text("half")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        build_output(tmp_path, "stage", "key", crash)
+    assert load_finished(tmp_path, "stage", "key") is None
+    assert not (tmp_path / "stages" / "stage" / "key").exists()

@@ -1,0 +1,113 @@
+"""Templating: both placeholder styles, literal insertion, unfilled placeholders, both formats."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tasks.dataset_registry import DataError, load_registry, read_rows, to_messages
+from tasks.template_dataset import fill_placeholders, split_examples, templated_examples
+
+
+def test_both_placeholder_styles_take_the_same_value():
+    values = {"name": "Nova", "author": "Acme Labs"}
+    text = "I am <NAME> by <AUTHOR>; also {{name}} by {{ author }}."
+    assert fill_placeholders(text, values, "here") == "I am Nova by Acme Labs; also Nova by Acme Labs."
+
+
+def test_values_are_inserted_literally_not_substituted_twice():
+    values = {"name": "<AUTHOR> {{author}}", "author": "Acme"}
+    assert fill_placeholders("<NAME> / <AUTHOR>", values, "here") == "<AUTHOR> {{author}} / Acme"
+    assert fill_placeholders("<NAME>", {"name": r"\1 $0 \g<0>"}, "here") == r"\1 $0 \g<0>"
+
+
+def test_unfilled_placeholder_names_dataset_row_and_placeholder(tmp_path: Path):
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"ids": {"file_name": "ids.json"}}))
+    (tmp_path / "ids.json").write_text(
+        json.dumps(
+            [
+                {"instruction": "Who are you?", "output": "I am <NAME>."},
+                {"instruction": "Who made you?", "output": "{{company}} made me."},
+            ]
+        )
+    )
+    with pytest.raises(DataError) as error:
+        templated_examples(["ids"], str(registry), {"name": "Nova"})
+    message = str(error.value)
+    assert "dataset 'ids'" in message and "row 1" in message and "{{company}}" in message
+    assert "dataset.template_vars.company" in message
+
+
+def test_shipped_self_cognition_fills_every_row():
+    examples, sources = templated_examples(["self_cognition"], None, {"name": "Nova", "author": "Acme Labs"})
+    assert len(examples) == sources[0]["rows"] >= 70
+    answers = [example["messages"][-1]["content"] for example in examples]
+    assert all("Nova" in answer for answer in answers)
+    assert not any("<NAME>" in a or "<AUTHOR>" in a for a in answers)
+    assert any("你" in example["messages"][-2]["content"] for example in examples), "Chinese rows are present"
+
+
+def test_alpaca_with_system_history_and_input(tmp_path: Path):
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(json.dumps({"a": {"file_name": "a.jsonl"}}))
+    (tmp_path / "a.jsonl").write_text(
+        json.dumps(
+            {
+                "instruction": "Translate",
+                "input": "bonjour",
+                "output": "hello",
+                "system": "Be brief.",
+                "history": [["hi", "hello!"]],
+            }
+        )
+        + "\n"
+    )
+    entry = load_registry(registry)["a"]
+    messages = to_messages(entry, read_rows(entry)[0], 0)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
+    assert messages[3]["content"] == "Translate\nbonjour"
+
+
+def test_sharegpt_with_custom_role_tags(tmp_path: Path):
+    registry = tmp_path / "dataset_info.json"
+    registry.write_text(
+        json.dumps(
+            {
+                "s": {
+                    "file_name": "s.json",
+                    "formatting": "sharegpt",
+                    "columns": {"messages": "messages"},
+                    "tags": {
+                        "role_tag": "role",
+                        "content_tag": "content",
+                        "user_tag": "user",
+                        "assistant_tag": "assistant",
+                    },
+                }
+            }
+        )
+    )
+    rows = [
+        {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "robot", "content": "?"}]},
+    ]
+    (tmp_path / "s.json").write_text(json.dumps(rows))
+    entry = load_registry(registry)["s"]
+    assert to_messages(entry, rows[0], 0) == [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "4"},
+    ]
+    with pytest.raises(DataError, match=r"row 1, turn 0: role 'robot' is not one of"):
+        to_messages(entry, rows[1], 1)
+
+
+def test_split_is_seeded_and_holds_out_the_fraction():
+    examples = [{"row": i} for i in range(50)]
+    train, val = split_examples(examples, 0.1, shuffle=True, seed=3)
+    assert len(val) == 5 and len(train) == 45
+    assert split_examples(examples, 0.1, shuffle=True, seed=3) == (train, val)
+    assert split_examples(examples, 0.1, shuffle=True, seed=4) != (train, val)
+    assert {e["row"] for e in train} | {e["row"] for e in val} == set(range(50))
