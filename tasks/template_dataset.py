@@ -116,7 +116,15 @@ def _build(config: DatasetSpec, out: Path, run: StageRun) -> StageResult:
             digest=source["sha256"][:16],
             context="templated",
         )
-    get_run_logger().info("templated %d rows: %d train, %d validation", len(examples), len(train), len(val))
+    logger = get_run_logger()
+    logger.info("templated %d rows: %d train, %d validation", len(examples), len(train), len(val))
+    for row in preview:
+        logger.info(
+            "preview %s #%s: %s",
+            row["dataset"],
+            row["row"],
+            {k: v for k, v in row.items() if k not in ("dataset", "row")},
+        )
     return StageResult(
         metrics={"rows": len(examples), "train_rows": len(train), "val_rows": len(val)},
         info={"sources": sources, "template_vars": config.template_vars},
