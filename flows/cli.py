@@ -52,7 +52,8 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def summary(result: dict[str, Any], workspace: Path) -> str:
+def summary(result: dict[str, Any]) -> str:
+    """The end-of-run report: stages, evaluation before and after, where the model and runs are."""
     stages = result["stages"]
     rows = [
         [name, "completed", "reused" if m["reused"] else "ran", f"{m['elapsed_s']:.1f}s"] for name, m in stages.items()
@@ -100,7 +101,7 @@ def command_run(args: argparse.Namespace) -> int:
 
     result = finetune(spec)
     print()
-    print(summary(result, Path(spec.workspace)))
+    print(summary(result))
     return 0
 
 

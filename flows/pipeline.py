@@ -12,10 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow
+from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from flows.spec import PipelineSpec
+from flows.spec import PipelineSpec, StageRetry
 from tasks.evaluate import evaluate_model
 from tasks.export import merge_and_export
 from tasks.materialize_model import materialize_base_model
@@ -25,7 +25,11 @@ from tasks.tracking import end_pipeline_run, start_pipeline_run
 from tasks.train import train_model
 
 
-@flow(name="finetune", flow_run_name="{spec.name}", log_prints=True)
+def retrying(stage: Task, retry: StageRetry) -> Task:
+    return stage.with_options(retries=retry.retries, retry_delay_seconds=retry.delay_seconds)
+
+
+@flow(name="finetune", flow_run_name="{spec.name}")
 def finetune(spec: PipelineSpec) -> dict[str, Any]:
     """Fine-tune, evaluate and export a model as the spec describes."""
     workspace = Path(spec.workspace).resolve()
@@ -40,13 +44,17 @@ def finetune(spec: PipelineSpec) -> dict[str, Any]:
             "spec_digest": spec.digest(),
         },
     )
-    stages = {}
+    stages, retry = {}, spec.retries
     try:
-        stages["model"] = base = materialize_base_model(spec.model.name_or_path, workspace, tracking)
-        stages["template"] = templated = template_dataset(spec.dataset, workspace, tracking)
-        stages["tokenize"] = tokenized = tokenize_dataset(spec.tokenize, templated, base, workspace, tracking)
-        stages["train"] = trained = train_model(spec.train, tokenized, base, workspace, tracking)
-        stages["evaluate"] = evaluated = evaluate_model(
+        stages["model"] = base = retrying(materialize_base_model, retry.model)(
+            spec.model.name_or_path, workspace, tracking
+        )
+        stages["template"] = templated = retrying(template_dataset, retry.template)(spec.dataset, workspace, tracking)
+        stages["tokenize"] = tokenized = retrying(tokenize_dataset, retry.tokenize)(
+            spec.tokenize, templated, base, workspace, tracking
+        )
+        stages["train"] = trained = retrying(train_model, retry.train)(spec.train, tokenized, base, workspace, tracking)
+        stages["evaluate"] = evaluated = retrying(evaluate_model, retry.evaluate)(
             spec.evaluate,
             spec.dataset.registry,
             spec.dataset.template_vars,
@@ -57,7 +65,7 @@ def finetune(spec: PipelineSpec) -> dict[str, Any]:
             workspace,
             tracking,
         )
-        stages["export"] = merge_and_export(
+        stages["export"] = retrying(merge_and_export, retry.export)(
             spec.export, spec.name, spec.digest(), trained, evaluated, templated, base, workspace, tracking
         )
     except BaseException:

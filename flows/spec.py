@@ -178,6 +178,25 @@ class ExportSpec(Section):
         return value.strip()
 
 
+class StageRetry(Section):
+    retries: int = Field(0, ge=0, description="How many more attempts Prefect makes after the stage fails.")
+    delay_seconds: float = Field(10.0, ge=0, description="Seconds to wait before each retry.")
+
+
+class RetrySpec(Section):
+    """Per-stage Prefect retries; kept out of the stages' cache keys (they change nothing made)."""
+
+    model: StageRetry = Field(default_factory=StageRetry, description="Materializing the base model.")
+    template: StageRetry = Field(default_factory=StageRetry, description="Templating the datasets.")
+    tokenize: StageRetry = Field(default_factory=StageRetry, description="Tokenizing.")
+    train: StageRetry = Field(
+        default_factory=lambda: StageRetry(retries=1),
+        description="Training; a retry resumes from the newest checkpoint.",
+    )
+    evaluate: StageRetry = Field(default_factory=StageRetry, description="Evaluation.")
+    export: StageRetry = Field(default_factory=StageRetry, description="Merge and export.")
+
+
 class PipelineSpec(Section):
     name: str = Field("self-cognition", description="Name of the pipeline: MLflow experiment, flow-run and model name.")
     workspace: str = Field(
@@ -191,6 +210,7 @@ class PipelineSpec(Section):
     train: TrainSpec = Field(default_factory=TrainSpec, description="Training.")
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Merge and export.")
+    retries: RetrySpec = Field(default_factory=RetrySpec, description="Retries per stage.")
 
     @field_validator("name")
     @classmethod

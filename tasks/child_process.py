@@ -9,6 +9,8 @@ the Prefect log; stderr (progress bars) goes straight to the terminal. Stopping 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 EVENT_PREFIX = "@@tunefactory "
+PR_SET_PDEATHSIG = 1
 
 
 class WorkerError(RuntimeError):
@@ -28,6 +31,16 @@ class WorkerError(RuntimeError):
 def emit(event: dict[str, Any]) -> None:
     """Send one event from a worker to the task that launched it."""
     print(EVENT_PREFIX + json.dumps(event), flush=True)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the launching thread dies.
+
+    Without this, a flow process that is killed outright (kill -9, an out-of-memory kill, a
+    cancelled deployment's process) would leave its training worker running on its own.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the process-group stop still applies
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def _stop(process: subprocess.Popen[str]) -> None:
@@ -59,6 +72,7 @@ def run_worker(
         text=True,
         bufsize=1,
         start_new_session=True,  # its own process group, so a stop reaches its children too
+        preexec_fn=_die_with_parent,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     error = None

@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tasks.locks import file_lock
 from tasks.tracking import StageRun, Tracking, record_reused_stage, stage_run
 
 MANIFEST = "manifest.json"
@@ -153,19 +154,34 @@ def run_stage(
     build: Callable[[Path, StageRun], StageResult],
     resumable: bool = False,
 ) -> Manifest:
-    """Reuse the stage's verified output if its key matches, else build it under a child run."""
+    """Reuse the stage's verified output if its key matches, else build it under a child run.
+
+    Runs holding the same key wait for each other (a file lock), so two pipelines that share
+    a stage build it once. A resumable stage continues the MLflow run of its interrupted
+    attempt, so its metrics carry on from where they stopped.
+    """
     started = time.time()
     key = cache_key(stage, config, upstream, version)
-    finished = load_finished(workspace, stage, key)
-    if finished is not None:
-        record_reused_stage(tracking, stage, key, finished.mlflow_run_id)
-        return finished.model_copy(update={"reused": True, "elapsed_s": round(time.time() - started, 2)})
-    with stage_run(tracking, stage, config) as run:
-        run.set_tags({"cache_key": key})
-        manifest = build_output(workspace, stage, key, lambda out: build(out, run), run.run_id, resumable)
-        run.log_metrics(manifest.metrics)
-        run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+    with stage_lock(workspace, stage, key):
+        finished = load_finished(workspace, stage, key)
+        if finished is not None:
+            record_reused_stage(tracking, stage, key, finished.mlflow_run_id)
+            return finished.model_copy(update={"reused": True, "elapsed_s": round(time.time() - started, 2)})
+        attempt = stage_dir(workspace, stage, key).with_name(key + ".attempt")
+        earlier_run = attempt.read_text().strip() if resumable and attempt.is_file() else None
+        with stage_run(tracking, stage, config, continue_run_id=earlier_run) as run:
+            attempt.write_text(run.run_id)
+            run.set_tags({"cache_key": key})
+            manifest = build_output(workspace, stage, key, lambda out: build(out, run), run.run_id, resumable)
+            run.log_metrics(manifest.metrics)
+            run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+        attempt.unlink()
     return manifest.model_copy(update={"elapsed_s": round(time.time() - started, 2)})
+
+
+def stage_lock(workspace: Path, stage: str, key: str):
+    """An exclusive lock on one stage output."""
+    return file_lock(stage_dir(workspace, stage, key).with_name(key + ".lock"))
 
 
 def point_link(link: Path, target: Path) -> Path:

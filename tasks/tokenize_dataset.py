@@ -7,6 +7,8 @@ The result is saved with `datasets.save_to_disk` as `train/` and `val/`.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -85,7 +87,8 @@ def _build(config: TokenizeSpec, templated: Path, model_path: Path, out: Path, r
     for split in ("train", "val"):
         examples = read_jsonl(templated / f"{split}.jsonl")
         columns, stats = tokenize_examples(tokenizer, examples, config.cutoff_len, config.train_on_prompt)
-        Dataset.from_dict(columns).save_to_disk(str(out / split))
+        with contextlib.redirect_stdout(io.StringIO()):  # datasets' fingerprinting prints bytecode here
+            Dataset.from_dict(columns).save_to_disk(str(out / split))
         metrics.update({f"{split}_{name}": value for name, value in stats.items()})
         samples += columns["input_ids"][:1]
         get_run_logger().info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in stats.items()))

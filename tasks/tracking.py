@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
+
+from tasks.locks import file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
 
@@ -63,7 +66,9 @@ def start_pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], t
     """Open the parent run and record the resolved spec with it."""
     uri = tracking_uri(workspace)
     client = MlflowClient(tracking_uri=uri)
-    experiment_id = _experiment_id(client, experiment, workspace)
+    # the first run in a workspace creates the SQLite schema; two doing it at once corrupt it
+    with file_lock(workspace / ".mlflow.lock"):
+        experiment_id = _experiment_id(client, experiment, workspace)
     run = client.create_run(experiment_id, run_name=tags.get("flow_run_name"), tags={**git_state(), **tags})
     client.log_dict(run.info.run_id, spec, "spec.json")
     return Tracking(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
@@ -141,28 +146,47 @@ def _to_frame(rows: list[dict[str, Any]]):
 
 
 def _now_ms() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
 @contextmanager
-def stage_run(tracking: Tracking, stage: str, params: dict[str, Any]) -> Iterator[StageRun]:
-    """A child run of the pipeline run for one stage; marked FAILED if the stage raises."""
+def stage_run(
+    tracking: Tracking, stage: str, params: dict[str, Any], continue_run_id: str | None = None
+) -> Iterator[StageRun]:
+    """A child run of the pipeline run for one stage; marked FAILED if the stage raises.
+
+    With `continue_run_id`, the run of an interrupted attempt is reopened instead, so a
+    resumed stage keeps one metric history.
+    """
     client = tracking.client()
-    run = client.create_run(
-        tracking.experiment_id,
-        run_name=stage,
-        tags={PARENT_TAG: tracking.parent_run_id, "stage": stage},
-    )
-    stage_run_ = StageRun(client, run.info.run_id)
-    stage_run_.log_params(params)
+    if continue_run_id and _run_exists(client, continue_run_id):
+        run_id = continue_run_id
+        client.update_run(run_id, status="RUNNING")
+        client.set_tag(run_id, "resumed_by_pipeline_run", tracking.parent_run_id)
+    else:
+        run = client.create_run(
+            tracking.experiment_id,
+            run_name=stage,
+            tags={PARENT_TAG: tracking.parent_run_id, "stage": stage},
+        )
+        run_id = run.info.run_id
+        StageRun(client, run_id).log_params(params)
     try:
-        yield stage_run_
+        yield StageRun(client, run_id)
     except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
+        client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    client.set_terminated(run_id, "FINISHED")
+
+
+def _run_exists(client: MlflowClient, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
 
 
 def record_reused_stage(tracking: Tracking, stage: str, key: str, producer_run_id: str | None) -> str:

@@ -1,0 +1,215 @@
+"""Faults injected for real: a killed worker, a killed flow, Ctrl-C, a failing stage, a damaged output.
+
+Select them with `pytest -k "resume or retry or kill or crash or corrupt or reuse"`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest import tiny_spec
+from mlflow.tracking import MlflowClient
+
+from flows.pipeline import finetune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def long_training(spec):
+    """Enough steps that a test can catch training between two checkpoints."""
+    spec.train.num_epochs = 40
+    spec.train.save_steps = 5
+    spec.train.logging_steps = 5
+    return spec
+
+
+def manifests(workspace: Path) -> dict[str, dict]:
+    found = {}
+    for path in (workspace / "stages").glob("*/*/manifest.json"):
+        found[path.parent.parent.name] = json.loads(path.read_text())
+    return found
+
+
+def worker_processes(workspace: Path) -> list[int]:
+    """Live processes whose command line names a worker config inside this workspace."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = (proc / "status").read_text()
+        except OSError:
+            continue
+        if "_worker" in cmdline and str(workspace) in cmdline and "State:\tZ" not in status:
+            pids.append(int(proc.name))
+    return pids
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def a_checkpoint_exists(workspace: Path) -> bool:
+    return any((workspace / "stages" / "train").glob("*.partial/checkpoints/checkpoint-*/trainer_state.pt"))
+
+
+@pytest.fixture
+def api_url(prefect_harness) -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+def start_cli(spec, tmp_path: Path, api_url: str) -> subprocess.Popen:
+    """`tunefactory run` in its own process, reporting to the test's Prefect server."""
+    path = tmp_path / f"{spec.name}.yaml"
+    path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(path)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_kill_9_of_training_worker_resumes_from_checkpoint_on_retry(prefect_harness, tiny_model, tmp_path, monkeypatch):
+    spec = tiny_spec(tiny_model, tmp_path / "workspace")
+    spec.train.save_steps = 2
+    spec.retries.train.delay_seconds = 0
+    monkeypatch.setenv("TUNEFACTORY_FAULT_KILL_AT_STEP", "4")  # the worker SIGKILLs itself after step 4
+
+    result = finetune(spec)
+
+    train = result["stages"]["train"]
+    assert train["info"]["resumed_from_step"] == 4
+    steps = int(train["metrics"]["steps"])
+    assert steps > 4
+    client = MlflowClient(result["tracking"]["uri"])
+    history = client.get_metric_history(train["mlflow_run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(1, steps + 1)), "one curve, continued past step 4"
+    assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
+    assert (Path(train["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_crash_of_the_flow_process_then_rerun_reuses_stages_and_resumes_training(api_url, tiny_model, tmp_path):
+    workspace = tmp_path / "workspace"
+    spec = long_training(tiny_spec(tiny_model, workspace))
+    first = start_cli(spec, tmp_path, api_url)
+    wait_for(lambda: a_checkpoint_exists(workspace), 300, "a training checkpoint")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    wait_for(lambda: not worker_processes(workspace), 30, "the orphaned worker to die with its flow")
+    before = manifests(workspace)
+    assert {"template", "tokenize"} <= set(before) and "train" not in before
+
+    second = start_cli(spec, tmp_path, api_url)
+    output, _ = second.communicate(timeout=600)
+    assert second.returncode == 0, output[-3000:]
+    after = manifests(workspace)
+    for stage in ("model", "template", "tokenize"):
+        assert after[stage]["created_at"] == before[stage]["created_at"], f"{stage} was redone"
+    assert after["train"]["info"]["resumed_from_step"] >= 5
+    assert "reused" in output
+
+
+def test_ctrl_c_during_training_kills_the_worker(api_url, tiny_model, tmp_path):
+    workspace = tmp_path / "workspace"
+    spec = long_training(tiny_spec(tiny_model, workspace))
+    run = start_cli(spec, tmp_path, api_url)
+    wait_for(lambda: a_checkpoint_exists(workspace), 300, "training to be under way")
+    assert worker_processes(workspace)
+    run.send_signal(signal.SIGINT)
+    output, _ = run.communicate(timeout=60)
+    assert run.returncode != 0
+    assert not worker_processes(workspace), "no training process may outlive Ctrl-C"
+    assert "finished stages are kept" in output
+
+
+def test_stage_that_raises_once_succeeds_on_its_prefect_retry(api_url, tiny_model, tmp_path):
+    """The dataset file is missing on the first attempt and restored while Prefect waits to retry."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(json.dumps({"late": {"file_name": "late.json"}}))
+    rows = [{"instruction": f"What is {i} + {i}?", "output": f"It is {2 * i}."} for i in range(12)]
+    spec = tiny_spec(tiny_model, tmp_path / "workspace")
+    spec.dataset.names = ["late"]
+    spec.dataset.registry = str(data / "dataset_info.json")
+    spec.evaluate.identity_prompts = spec.evaluate.control_prompts = None
+    spec.retries.template.retries = 1
+    spec.retries.template.delay_seconds = 3
+
+    def restore_after_first_failure() -> None:
+        query = {"task_runs": {"name": {"any_": ["template dataset"]}}}
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            runs = httpx.post(f"{api_url}/task_runs/filter", json=query).json()
+            if any(run["state"] and run["state"]["name"] == "AwaitingRetry" for run in runs):
+                (data / "late.json").write_text(json.dumps(rows))
+                return
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=restore_after_first_failure)
+    watcher.start()
+    result = finetune(spec)
+    watcher.join()
+
+    assert result["stages"]["template"]["metrics"]["rows"] == 12
+    query = {"flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}
+    runs = httpx.post(f"{api_url}/task_runs/filter", json=query).json()
+    (template_run,) = [run for run in runs if run["name"] == "template dataset"]
+    assert template_run["run_count"] == 2 and template_run["state"]["type"] == "COMPLETED"
+
+
+def test_corrupt_stage_output_is_rebuilt_and_unchanged_stages_reuse(prefect_harness, tiny_model, tmp_path):
+    spec = tiny_spec(tiny_model, tmp_path / "workspace")
+    first = finetune(spec)
+    tokenized = Path(first["stages"]["tokenize"]["output_dir"])
+    (arrow,) = (tokenized / "train").glob("*.arrow")
+    arrow.write_bytes(arrow.read_bytes()[:100])  # a truncated file in a finished output
+
+    second = finetune(spec)
+    ran = [name for name, manifest in second["stages"].items() if not manifest["reused"]]
+    assert ran == ["tokenize"], "only the damaged stage is rebuilt; its identical output keeps the rest reused"
+    assert arrow.stat().st_size > 100
+
+    spec.train.learning_rate = 2e-3
+    third = finetune(spec)
+    assert [name for name, m in third["stages"].items() if not m["reused"]] == ["train", "evaluate", "export"]
+    spec.dataset.template_vars = {"name": "Orion", "author": "Acme Labs"}
+    fourth = finetune(spec)
+    assert [name for name, m in fourth["stages"].items() if m["reused"]] == ["model"]
+
+
+def test_two_specs_at_once_in_one_workspace_reuse_shared_stages_safely(api_url, tiny_model, tmp_path):
+    workspace = tmp_path / "workspace"
+    slow = tiny_spec(tiny_model, workspace)
+    fast = tiny_spec(tiny_model, workspace)
+    fast.name, fast.train.learning_rate = "tiny-other", 5e-4
+    runs = [start_cli(slow, tmp_path, api_url), start_cli(fast, tmp_path, api_url)]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert all(run.returncode == 0 for run in runs), outputs[0][-2000:] + outputs[1][-2000:]
+    for stage in ("template", "tokenize"):
+        assert len(list((workspace / "stages" / stage).glob("*/manifest.json"))) == 1, f"{stage} built once"
+    assert len(list((workspace / "stages" / "train").glob("*/manifest.json"))) == 2
+    assert len(list((workspace / "stages" / "export").glob("*/manifest.json"))) == 2
+    assert (workspace / "models" / "tiny-test").is_dir() and (workspace / "models" / "tiny-other").is_dir()
