@@ -99,9 +99,20 @@ def command_run(args: argparse.Namespace) -> int:
     check_inputs(spec)
     from flows.pipeline import finetune
 
-    result = finetune(spec)
+    state = finetune(spec, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    if not state.is_completed():
+        error = state.result(raise_on_failure=False)
+        reason = str(error) if isinstance(error, BaseException) else state.message
+        print(
+            f"\ntunefactory: the pipeline run {flow_run_id} {state.name.lower()}: {reason}\n"
+            "Finished stages are kept. To continue at the failed stage, run the same command again, or:\n"
+            f"  prefect flow-run retry {flow_run_id} --entrypoint flows/pipeline.py:finetune",
+            file=sys.stderr,
+        )
+        return 1
     print()
-    print(summary(result))
+    print(summary(state.result()))
     return 0
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,11 +77,11 @@ def api_url(prefect_harness) -> str:
     return PREFECT_API_URL.value()
 
 
-def start_cli(spec, tmp_path: Path, api_url: str) -> subprocess.Popen:
+def start_cli(spec, tmp_path: Path, api_url: str, **extra_env: str) -> subprocess.Popen:
     """`tunefactory run` in its own process, reporting to the test's Prefect server."""
     path = tmp_path / f"{spec.name}.yaml"
     path.write_text(yaml.safe_dump(spec.model_dump(mode="json")))
-    env = {**os.environ, "PREFECT_API_URL": api_url}
+    env = {**os.environ, "PREFECT_API_URL": api_url, **extra_env}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "run", str(path)],
@@ -130,6 +131,39 @@ def test_crash_of_the_flow_process_then_rerun_reuses_stages_and_resumes_training
         assert after[stage]["created_at"] == before[stage]["created_at"], f"{stage} was redone"
     assert after["train"]["info"]["resumed_from_step"] >= 5
     assert "reused" in output
+
+
+def test_prefect_flow_run_retry_continues_a_failed_run_at_the_failed_stage(api_url, tiny_model, tmp_path):
+    workspace = tmp_path / "workspace"
+    spec = tiny_spec(tiny_model, workspace)
+    spec.train.save_steps = 2
+    spec.retries.train.retries = 0  # let the kill fail the whole run
+    failed = start_cli(spec, tmp_path, api_url, TUNEFACTORY_FAULT_KILL_AT_STEP="4")
+    output, _ = failed.communicate(timeout=600)
+    assert failed.returncode == 1, output[-3000:]
+    assert "killed by signal 9" in output and "Finished stages are kept" in output
+    flow_run_id = re.search(r"prefect flow-run retry (\S+) --entrypoint", output).group(1)
+    before = manifests(workspace)
+    assert "train" not in before
+
+    env = {**os.environ, "PREFECT_API_URL": api_url}
+    prefect = Path(sys.executable).with_name("prefect")
+    retried = subprocess.run(
+        [str(prefect), "flow-run", "retry", flow_run_id, "--entrypoint", "flows/pipeline.py:finetune"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert retried.returncode == 0, retried.stdout[-2000:] + retried.stderr[-2000:]
+    after = manifests(workspace)
+    for stage in ("model", "template", "tokenize"):
+        assert after[stage]["created_at"] == before[stage]["created_at"], f"{stage} was redone"
+    assert after["train"]["info"]["resumed_from_step"] == 4
+    assert "export" in after
+    state = httpx.get(f"{api_url}/flow_runs/{flow_run_id}").json()["state"]
+    assert state["type"] == "COMPLETED"
 
 
 def test_ctrl_c_during_training_kills_the_worker(api_url, tiny_model, tmp_path):
