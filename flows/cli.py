@@ -1,6 +1,7 @@
 """The `tunefactory` command: run a pipeline, preview its data, chat with a result.
 
     tunefactory run deployments/self_cognition.yaml [--set train.learning_rate=1e-4 ...]
+    tunefactory serve deployments/self_cognition.yaml --cron "0 2 * * *"
     tunefactory preview deployments/self_cognition.yaml
     tunefactory chat workspace/models/self-cognition
     tunefactory validate SPEC | tunefactory schema
@@ -116,6 +117,24 @@ def command_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_serve(args: argparse.Namespace) -> int:
+    """Serve the pipeline on a schedule from this process (Prefect's flow.serve, no work pool)."""
+    spec = load_spec(args.spec, args.set)
+    check_inputs(spec)
+    from flows.pipeline import finetune
+
+    finetune.serve(
+        name=args.name or spec.name,
+        cron=args.cron,
+        interval=args.interval,
+        parameters={"spec": spec.model_dump(mode="json")},
+        description=f"tunefactory pipeline from {args.spec}",
+        tags=["tunefactory"],
+        limit=1,  # runs of one pipeline queue up instead of competing for the same machine
+    )
+    return 0
+
+
 def command_preview(args: argparse.Namespace) -> int:
     from tasks.template_dataset import preview_rows, split_examples, templated_examples
 
@@ -182,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     with_spec("run", "run the pipeline").set_defaults(handler=command_run)
+    serve = with_spec("serve", "run the pipeline on a schedule from this process, until stopped")
+    when = serve.add_mutually_exclusive_group(required=True)
+    when.add_argument("--cron", help='a cron schedule, e.g. "0 2 * * *" for 02:00 every night')
+    when.add_argument("--interval", type=float, help="seconds between runs")
+    serve.add_argument("--name", help="deployment name (default: the spec's name)")
+    serve.set_defaults(handler=command_serve)
     preview = with_spec("preview", "show the first rows after templating")
     preview.add_argument("--rows", type=int, default=5)
     preview.set_defaults(handler=command_preview)

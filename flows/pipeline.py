@@ -3,11 +3,12 @@
     materialize base model -> template dataset -> tokenize -> train -> evaluate -> merge & export
 
 Run it with `tunefactory run deployments/self_cognition.yaml`, or call `finetune(spec)`.
+(No `from __future__ import annotations` here: Prefect reads the flow's parameter types at run
+time to validate a deployment's parameters, and they must be real classes, not strings.)
+
 Each stage is a task that returns a manifest (tasks/stage_output.py) and logs a child run
 under this pipeline run's MLflow parent run.
 """
-
-from __future__ import annotations
 
 from pathlib import Path
 from typing import Any

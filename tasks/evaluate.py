@@ -17,6 +17,7 @@ from flows.spec import EvaluateSpec
 from tasks.child_process import run_worker
 from tasks.dataset_registry import read_rows, resolve_dataset
 from tasks.materialize_model import base_model_path
+from tasks.prefect_artifacts import publish_evaluation
 from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
 from tasks.template_dataset import fill_placeholders
 from tasks.tracking import StageRun, Tracking
@@ -80,6 +81,7 @@ def _build(config: EvaluateSpec, worker: dict[str, Any], out: Path, run: StageRu
     table = comparison_table(results)
     (out / "comparison.json").write_text(json.dumps(table, ensure_ascii=False, indent=2))
     run.log_table(table, "eval_table.json")
+    publish_evaluation(metrics, table)
     return StageResult(metrics=metrics)
 
 

@@ -16,6 +16,7 @@ from prefect import get_run_logger, task
 from flows.spec import ExportSpec
 from tasks.child_process import run_worker
 from tasks.materialize_model import base_model_path
+from tasks.prefect_artifacts import publish_export_summary
 from tasks.stage_output import Manifest, StageResult, code_version, point_link, run_stage
 from tasks.tracking import StageRun, Tracking
 
@@ -156,5 +157,8 @@ def merge_and_export(
     }
     version = register_model(tracking, manifest.mlflow_run_id, registered, config.alias, model_dir, tags)
     get_run_logger().info("registered %s version %s as @%s", registered, version, config.alias)
+    publish_export_summary(
+        model_dir, registered, version, config.alias, tracking.uri, tracking.experiment_id, manifest.mlflow_run_id
+    )
     info = {**manifest.info, "registered_model": registered, "version": version, "alias": config.alias}
     return manifest.model_copy(update={"info": info})

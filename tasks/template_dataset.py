@@ -17,6 +17,7 @@ from prefect import get_run_logger, task
 
 from flows.spec import DatasetSpec
 from tasks.dataset_registry import DataError, read_rows, resolve_dataset, to_messages
+from tasks.prefect_artifacts import publish_preview
 from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
 from tasks.tracking import StageRun, Tracking
 
@@ -104,6 +105,7 @@ def _build(config: DatasetSpec, out: Path, run: StageRun) -> StageResult:
     preview = preview_rows(train, config.preview_rows)
     (out / "preview.json").write_text(json.dumps(preview, ensure_ascii=False, indent=2))
     run.log_table(preview, "preview.json")
+    publish_preview(preview)
     for source in sources:
         run.log_dataset(
             [

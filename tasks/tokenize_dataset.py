@@ -16,6 +16,7 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from flows.spec import TokenizeSpec
+from tasks.prefect_artifacts import publish_token_stats
 from tasks.stage_output import Manifest, StageResult, code_version, run_stage
 from tasks.tracking import StageRun, Tracking
 
@@ -95,7 +96,7 @@ def _build(config: TokenizeSpec, templated: Path, model_path: Path, out: Path, r
     if metrics["train_examples"] == 0:
         raise ValueError("no training example is left after tokenization; raise tokenize.cutoff_len")
     run.log_text(tokenizer.decode(samples[0]), "sample_rendered.txt")
-    run.log_metrics({"train_tokens": metrics["train_tokens"]})
+    publish_token_stats(metrics)
     return StageResult(metrics=metrics)
 
 

@@ -7,6 +7,7 @@ next attempt with the same cache key resumes from the newest one.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from prefect import get_run_logger, task
 from flows.spec import TrainSpec
 from tasks.child_process import run_worker
 from tasks.materialize_model import base_model_path
+from tasks.prefect_artifacts import TrainingProgress, publish_loss_curve
 from tasks.stage_output import Manifest, StageResult, code_version, point_link, run_stage
 from tasks.tracking import StageRun, Tracking
 
@@ -25,8 +27,6 @@ BOOKKEEPING = {"checkpoint_name", "logging_steps", "save_steps", "save_total_lim
 
 
 def worker_config(config: TrainSpec, base: Manifest, tokenized: Manifest, out: Path) -> dict[str, Any]:
-    import json
-
     model_config = json.loads((base_model_path(base) / "config.json").read_text())
     pad = model_config.get("pad_token_id")
     return {
@@ -41,12 +41,14 @@ def worker_config(config: TrainSpec, base: Manifest, tokenized: Manifest, out: P
 def _build(config: TrainSpec, base: Manifest, tokenized: Manifest, out: Path, run: StageRun) -> StageResult:
     logger = get_run_logger()
     summary: dict[str, Any] = {}
+    progress = TrainingProgress()
 
     def on_event(event: dict[str, Any]) -> None:
         kind = event.pop("type")
         if kind == "log":
             step = event.pop("step")
             run.log_metrics(event, step=step)
+            progress.update(step, event["loss"])
             logger.info(
                 "step %d: loss %.4f, lr %.2e, %.0f tokens/s",
                 step,
@@ -56,6 +58,7 @@ def _build(config: TrainSpec, base: Manifest, tokenized: Manifest, out: Path, ru
             )
         elif kind == "start":
             summary.update(event)
+            progress.start(event["total_steps"], event["first_step"])
             run.log_params(
                 {
                     "trainable_params": event["trainable_params"],
@@ -90,6 +93,8 @@ def _build(config: TrainSpec, base: Manifest, tokenized: Manifest, out: Path, ru
         on_output=logger.info,
     )
     run.log_artifact(out / "loss_curve.png")
+    history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines() if line]
+    publish_loss_curve(out / "loss_curve.png", history)
     metrics = {
         "final_loss": summary.get("final_loss", float("nan")),
         "train_seconds": time.time() - started,

@@ -197,6 +197,7 @@ def train(config: dict[str, Any]) -> None:
         {
             "type": "start",
             "total_steps": total_steps,
+            "first_step": step,
             "trainable_params": trainable,
             "total_params": total,
             "examples": len(sequences),

@@ -20,11 +20,26 @@ def write_spec(tmp_path: Path, data: dict) -> Path:
     return path
 
 
+PIPELINE_SPECS = sorted(p for p in DEPLOYMENTS.glob("*.yaml") if p.name != "prefect.yaml")
+
+
 @pytest.mark.parametrize("path", sorted(DEPLOYMENTS.glob("*.yaml")), ids=lambda p: p.name)
-def test_every_shipped_spec_loads_and_says_how_to_run_it(path: Path):
-    assert path.read_text().startswith("# Run with:"), "a shipped YAML starts with the command that runs it"
-    spec = load_spec(path)
-    check_inputs(spec)
+def test_every_shipped_yaml_starts_with_the_command_that_runs_it(path: Path):
+    assert path.read_text().startswith("# Run with:")
+
+
+@pytest.mark.parametrize("path", PIPELINE_SPECS, ids=lambda p: p.name)
+def test_every_shipped_spec_loads_and_its_data_reads(path: Path):
+    check_inputs(load_spec(path))
+
+
+def test_prefect_deployments_carry_valid_specs_equal_to_the_shipped_ones():
+    deployments = yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())["deployments"]
+    shipped = {load_spec(path).name: load_spec(path) for path in PIPELINE_SPECS}
+    for deployment in deployments:
+        assert deployment["entrypoint"] == "flows/pipeline.py:finetune"
+        spec = validate_spec(deployment["parameters"]["spec"], source=deployment["name"])
+        assert spec == shipped[spec.name], f"{deployment['name']} drifted from its spec file"
 
 
 def test_defaults_form_a_valid_spec():
