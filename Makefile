@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPEC ?= deployments/self_cognition.yaml
 
-.PHONY: install demo test test-fast lint format ui ui-stop clean
+.PHONY: install demo test test-fast lint format ui clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,24 +36,13 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The UIs: a Prefect server and an MLflow server on loopback, their data in the workspace.
-# Later runs report to the Prefect server (the profile's PREFECT_API_URL) and log into the
-# MLflow database the server reads. `make ui-stop` stops both and restores the default.
-UI := workspace/.ui
+# The UIs over the local history: MLflow on the workspace's database, Prefect's own server
+# on the history that every run keeps in ~/.prefect. Ctrl-C stops both.
 ui: install
-	@mkdir -p $(UI)
-	@PREFECT_HOME=$(CURDIR)/$(UI)/prefect setsid nohup $(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200 \
-		> $(UI)/prefect.log 2>&1 & echo $$! > $(UI)/prefect.pid
-	@setsid nohup $(VENV)/bin/mlflow server --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db \
-		--default-artifact-root $(CURDIR)/workspace/mlartifacts --host 127.0.0.1 --port 5000 \
-		> $(UI)/mlflow.log 2>&1 & echo $$! > $(UI)/mlflow.pid
-	@$(VENV)/bin/prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api > /dev/null
-	@echo "Prefect UI: http://127.0.0.1:4200    MLflow UI: http://127.0.0.1:5000    (make ui-stop stops both)"
-
-ui-stop:
-	-@for name in prefect mlflow; do [ -f $(UI)/$$name.pid ] && kill -- -$$(cat $(UI)/$$name.pid) 2>/dev/null; rm -f $(UI)/$$name.pid; done
-	-@$(VENV)/bin/prefect config unset PREFECT_API_URL > /dev/null 2>&1
-	@echo "stopped; runs use Prefect's ephemeral server again"
+	@echo "MLflow: http://127.0.0.1:5000   Prefect: http://127.0.0.1:4200   (Ctrl-C stops both)"
+	@$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db --host 127.0.0.1 --port 5000 \
+		& mlflow=$$!; trap 'kill $$mlflow' EXIT INT TERM; \
+		$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
 
 clean:
 	rm -rf workspace

@@ -65,9 +65,9 @@ def git_state() -> dict[str, str]:
 def start_pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], tags: dict[str, str]) -> Tracking:
     """Open the parent run and record the resolved spec with it."""
     uri = tracking_uri(workspace)
-    client = MlflowClient(tracking_uri=uri)
-    # the first run in a workspace creates the SQLite schema; two doing it at once corrupt it
+    # the first client of a workspace creates the SQLite schema; two doing it at once collide
     with file_lock(workspace / ".mlflow.lock"):
+        client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, experiment, workspace)
     run = client.create_run(experiment_id, run_name=tags.get("flow_run_name"), tags={**git_state(), **tags})
     client.log_dict(run.info.run_id, spec, "spec.json")
