@@ -48,7 +48,7 @@ def finetune(spec: PipelineSpec) -> dict[str, Any]:
     stages, retry = {}, spec.retries
     try:
         stages["model"] = base = retrying(materialize_base_model, retry.model)(
-            spec.model.name_or_path, workspace, tracking
+            spec.model.name_or_path, spec.model.trust_remote_code, workspace, tracking
         )
         stages["template"] = templated = retrying(template_dataset, retry.template)(spec.dataset, workspace, tracking)
         stages["tokenize"] = tokenized = retrying(tokenize_dataset, retry.tokenize)(

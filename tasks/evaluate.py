@@ -111,6 +111,7 @@ def evaluate_model(
         "control": control,
         "template_vars": template_vars,
         "compute_type": compute_type,
+        "trust_remote_code": base_model.info.get("trust_remote_code", False),
     }
     sets = [resolve_dataset(n, registry).file for n in (config.identity_prompts, config.control_prompts) if n]
     key_config = {

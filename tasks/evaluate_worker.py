@@ -68,12 +68,17 @@ def evaluate(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer
 
     setup = compute_setup(config["compute_type"])
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    remote_code = config.get("trust_remote_code", False)
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=remote_code)
     identity, control = config["identity"], config["control"]
     prompts = [row["prompt"] for row in identity] + [row["prompt"] for row in control]
-    model = load_model(config["model_path"], config.get("adapter_path"), setup.device)
+    model = load_model(config["model_path"], config.get("adapter_path"), setup.device, trust_remote_code=remote_code)
     # a full fine-tune's weights are a model of their own; a LoRA adapter sits on the base
-    tuned = load_model(config["tuned_model_path"], None, setup.device) if config.get("tuned_model_path") else model
+    tuned = (
+        load_model(config["tuned_model_path"], None, setup.device, trust_remote_code=remote_code)
+        if config.get("tuned_model_path")
+        else model
+    )
     tuned.eval()
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
     dataset_dir = Path(config["dataset_dir"])

@@ -136,6 +136,7 @@ def merge_and_export(
         "model_path": str(base_model_path(base_model)),
         "weights_path": str(trained.path / trained.info["weights_dir"]),
         "finetuning_type": trained.info["finetuning_type"],
+        "trust_remote_code": base_model.info.get("trust_remote_code", False),
     }
     eval_metrics = evaluated.metrics if evaluated else {}
     manifest = run_stage(

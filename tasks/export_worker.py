@@ -28,7 +28,8 @@ def export(config: dict[str, Any]) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     out = Path(config["output_dir"]) / "model"
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"])
+    remote_code = config.get("trust_remote_code", False)
+    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=remote_code)
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in CHECK_PROMPTS
@@ -37,11 +38,11 @@ def export(config: dict[str, Any]) -> None:
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
     if config["finetuning_type"] == "lora":
-        model = load_model(config["model_path"], config["weights_path"]).eval()
+        model = load_model(config["model_path"], config["weights_path"], trust_remote_code=remote_code).eval()
         reference = logits_for(model, batch)
         model = model.merge_and_unload()
     else:
-        model = load_model(config["weights_path"]).eval()
+        model = load_model(config["weights_path"], trust_remote_code=remote_code).eval()
         reference = logits_for(model, batch)
     merged_diff = (logits_for(model, batch) - reference).abs().max().item()
     if merged_diff > config["logits_atol"]:
@@ -55,7 +56,7 @@ def export(config: dict[str, Any]) -> None:
     tokenizer.save_pretrained(out)
     del model
 
-    reloaded = load_model(out).eval()
+    reloaded = load_model(out, trust_remote_code=remote_code).eval()
     reload_diff = (logits_for(reloaded, batch) - reference).abs().max().item()
     if reload_diff > config["logits_atol"]:
         raise WorkerError(f"the saved model's logits differ from the adapter model's by {reload_diff:.2e}")

@@ -94,7 +94,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def _build(name_or_path: str, fingerprint: dict[str, str], out: Path, run: StageRun) -> StageResult:
+def _build(
+    name_or_path: str, fingerprint: dict[str, str], trust_remote_code: bool, out: Path, run: StageRun
+) -> StageResult:
     logger = get_run_logger()
     if fingerprint["kind"] == "packaged":
         gguf = packaged_gguf(name_or_path)
@@ -120,23 +122,27 @@ def _build(name_or_path: str, fingerprint: dict[str, str], out: Path, run: Stage
         "name_or_path": name_or_path,
         "source_digest": source_digest,
         "architecture": (config.get("architectures") or ["unknown"])[0],
+        "trust_remote_code": trust_remote_code,
     }
     run.set_tags({"base_model": name_or_path, "base_model_digest": source_digest})
     return StageResult(info=info)
 
 
 @task(name="materialize-base-model", task_run_name="materialize base model")
-def materialize_base_model(name_or_path: str, workspace: Path, tracking: Tracking) -> Manifest:
-    """Resolve the base model to a local safetensors directory; its path is in info.model_path."""
+def materialize_base_model(name_or_path: str, trust_remote_code: bool, workspace: Path, tracking: Tracking) -> Manifest:
+    """Resolve the base model to a local safetensors directory; its path is in info.model_path.
+
+    info.trust_remote_code carries the spec's choice to every stage that loads the model.
+    """
     fingerprint = source_fingerprint(name_or_path)
     return run_stage(
         "model",
-        {"name_or_path": name_or_path, "source": fingerprint},
+        {"name_or_path": name_or_path, "source": fingerprint, "trust_remote_code": trust_remote_code},
         [],
         code_version(__file__),
         workspace,
         tracking,
-        lambda out, run: _build(name_or_path, fingerprint, out, run),
+        lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, out, run),
     )
 
 

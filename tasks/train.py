@@ -35,6 +35,7 @@ def worker_config(config: TrainSpec, base: Manifest, tokenized: Manifest, out: P
         "dataset_dir": str(tokenized.path),
         "output_dir": str(out),
         "pad_token_id": pad if pad is not None else model_config.get("eos_token_id", 0),
+        "trust_remote_code": base.info.get("trust_remote_code", False),
     }
 
 

@@ -9,6 +9,16 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The Prefect task run of each stage of an SFT LoRA pipeline, as the Prefect UI names them.
+STAGE_TASK_RUNS = {
+    "materialize base model",
+    "template dataset",
+    "tokenize dataset",
+    "train (sft, lora)",
+    "evaluate",
+    "merge and export",
+}
+
 
 def build_tiny_llama(directory: Path) -> Path:
     """A 2-layer random Llama (about 3.3M parameters, mostly embeddings) with SmolLM2's tokenizer."""

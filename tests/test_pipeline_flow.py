@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import STAGE_TASK_RUNS, tiny_spec
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -50,16 +50,7 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     assert "Nova" in card and stages["model"]["info"]["source_digest"] in card
 
     # Prefect: one named task run per stage
-    assert read_task_run_names(result["flow_run_id"]) == sorted(
-        [
-            "materialize base model",
-            "template dataset",
-            "tokenize dataset",
-            "train (sft, lora)",
-            "evaluate",
-            "merge and export",
-        ]
-    )
+    assert read_task_run_names(result["flow_run_id"]) == sorted(STAGE_TASK_RUNS)
 
     # MLflow: a parent run with the spec, a child run per stage with params and metrics
     client = MlflowClient(result["tracking"]["uri"])

@@ -16,18 +16,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import tiny_spec
+from conftest import STAGE_TASK_RUNS, tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-STAGE_TASK_RUNS = {
-    "materialize base model",
-    "template dataset",
-    "tokenize dataset",
-    "train (sft, lora)",
-    "evaluate",
-    "merge and export",
-}
 ARTIFACTS = {"dataset-preview", "token-stats", "training-progress", "loss-curve", "evaluation", "answers", "export"}
 
 
