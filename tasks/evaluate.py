@@ -60,7 +60,7 @@ def comparison_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
-def _build(config: EvaluateSpec, worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
+def _build(worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
     logger = get_run_logger()
     metrics: dict[str, float] = {}
 
@@ -127,5 +127,5 @@ def evaluate_model(
         code_version(__file__, str(HERE / "evaluate_worker.py"), str(HERE / "scoring.py"), str(HERE / "modeling.py")),
         workspace,
         tracking,
-        lambda out, run: _build(config, worker, out, run),
+        lambda out, run: _build(worker, out, run),
     )
