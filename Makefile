@@ -4,8 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPEC ?= deployments/self_cognition.yaml
+WORKSPACE ?= workspace
 
-.PHONY: install demo test test-fast lint format ui clean
+.PHONY: install chromium demo test test-fast lint format ui ui-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,10 +20,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium for the browser tests: Debian's package, installed as root (or with sudo)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 demo: install
 	$(VENV)/bin/tunefactory run $(SPEC)
 
-test: install
+test: install chromium
 	$(VENV)/bin/pytest -m "not gpu" -v --durations=15
 
 test-fast: install
@@ -36,13 +43,14 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-# The UIs over the local history: MLflow on the workspace's database, Prefect's own server
-# on the history that every run keeps in ~/.prefect. Ctrl-C stops both.
+# A Prefect server (:4200) and an MLflow tracking server (:5000) on loopback, in the background,
+# their databases and logs in the workspace; runs of that workspace report to them until
+# `make ui-stop`.
 ui: install
-	@echo "MLflow: http://127.0.0.1:5000   Prefect: http://127.0.0.1:4200   (Ctrl-C stops both)"
-	@$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/workspace/mlflow.db --host 127.0.0.1 --port 5000 \
-		& mlflow=$$!; trap 'kill $$mlflow' EXIT INT TERM; \
-		$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	$(VENV)/bin/tunefactory ui start --workspace $(WORKSPACE)
+
+ui-stop: install
+	$(VENV)/bin/tunefactory ui stop --workspace $(WORKSPACE)
 
 clean:
 	rm -rf workspace

@@ -5,6 +5,7 @@
     tunefactory preview deployments/self_cognition.yaml
     tunefactory chat workspace/models/self-cognition
     tunefactory validate SPEC | tunefactory schema
+    tunefactory ui start | stop   (`make ui`, `make ui-stop`)
 
 Mistakes in a spec or a dataset are reported as one message naming the key, file or row,
 before any stage runs; a traceback means a bug in tunefactory.
@@ -47,6 +48,20 @@ def user_errors() -> tuple[type[Exception], ...]:
     return SpecError, DataError, ModelSourceError, WorkerError
 
 
+def report_to_running_servers(spec: PipelineSpec) -> None:
+    """While `make ui` runs the workspace's servers, this run reports to them.
+
+    Called before Prefect is imported: Prefect reads its API URL from the environment once.
+    """
+    from tasks.local_servers import running
+
+    servers = running(spec.workspace)
+    if servers is None or "PREFECT_API_URL" in os.environ:
+        return
+    os.environ["PREFECT_API_URL"] = servers.prefect_api_url
+    print(f"tunefactory: reporting to Prefect at {servers.prefect_url} and MLflow at {servers.mlflow_url}")
+
+
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
@@ -80,7 +95,7 @@ def summary(result: dict[str, Any]) -> str:
     uri = tracking["uri"]
     parts += ["", f"MLflow run {tracking['parent_run_id']} (experiment {tracking['experiment_id']}):"]
     if uri.startswith("sqlite"):
-        parts.append(f"  mlflow ui --backend-store-uri {uri}   then open http://127.0.0.1:5000")
+        parts.append("  make ui   then open http://127.0.0.1:5000")
     else:
         parts.append(f"  {uri}/#/experiments/{tracking['experiment_id']}/runs/{tracking['parent_run_id']}")
     flow_run_id = result.get("flow_run_id", "")
@@ -89,14 +104,15 @@ def summary(result: dict[str, Any]) -> str:
         parts.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
     else:
         parts.append(
-            f"Prefect flow run {flow_run_id}: prefect server start   then open "
-            f"http://127.0.0.1:4200/runs/flow-run/{flow_run_id} (the local history is kept)"
+            f"Prefect flow run {flow_run_id}: in Prefect's local history (`prefect server start` shows it); "
+            "start `make ui` first and later runs appear in its Prefect UI"
         )
     return "\n".join(parts)
 
 
 def command_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
+    report_to_running_servers(spec)
     check_inputs(spec)
     from flows.pipeline import finetune
 
@@ -120,6 +136,7 @@ def command_run(args: argparse.Namespace) -> int:
 def command_serve(args: argparse.Namespace) -> int:
     """Serve the pipeline on a schedule from this process (Prefect's flow.serve, no work pool)."""
     spec = load_spec(args.spec, args.set)
+    report_to_running_servers(spec)
     check_inputs(spec)
     from flows.pipeline import finetune
 
@@ -177,6 +194,30 @@ def command_schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def command_ui(args: argparse.Namespace) -> int:
+    from tasks import local_servers
+
+    workspace = Path(args.workspace)
+    if args.action == "stop":
+        stopped = local_servers.stop(workspace)
+        print("tunefactory: stopped the Prefect and MLflow servers" if stopped else "tunefactory: no servers recorded")
+        return 0
+    try:
+        servers = local_servers.start(workspace, args.prefect_port, args.mlflow_port)
+    except local_servers.ServerError as exc:
+        print(f"tunefactory: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"Prefect UI: {servers.prefect_url}\n"
+        f"MLflow UI:  {servers.mlflow_url}\n"
+        f"Runs in {workspace}/ now report to both (databases and logs in {workspace}/). "
+        "For a worker or a shell of your own:\n"
+        f"  export PREFECT_API_URL={servers.prefect_api_url}\n"
+        "Stop both with: make ui-stop"
+    )
+    return 0
+
+
 def command_chat(args: argparse.Namespace) -> int:
     from tasks.chat import chat_loop
 
@@ -212,6 +253,12 @@ def parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=command_preview)
     with_spec("validate", "check a spec and print it resolved").set_defaults(handler=command_validate)
     commands.add_parser("schema", help="list every spec key with its default").set_defaults(handler=command_schema)
+    ui = commands.add_parser("ui", help="start or stop the Prefect and MLflow servers of a workspace (loopback)")
+    ui.add_argument("action", choices=["start", "stop"])
+    ui.add_argument("--workspace", default="workspace")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(handler=command_ui)
     chat = commands.add_parser("chat", help="talk to an exported model or an adapter checkpoint")
     chat.add_argument("path", help="exported model directory, or a directory holding adapter_config.json")
     chat.add_argument("--max-new-tokens", type=int, default=256)

@@ -8,6 +8,8 @@ evaluation metrics. `<workspace>/models/<spec name>` points at the newest export
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,33 @@ Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)`, or chat w
 """
 
 
+def model_artifacts(client: Any, run_id: str, model_dir: Path) -> str:
+    """Put the exported files among the export run's artifacts; returns their URI.
+
+    A registered version's source must lie inside its run's artifacts (an MLflow server
+    refuses anything else). On a local artifact store the files are hard-linked, so the
+    gigabytes exist once on disk; a remote store gets a copy.
+    """
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    if not artifact_uri.startswith("file:"):
+        client.log_artifacts(run_id, str(model_dir), "model")
+        return f"{artifact_uri}/model"
+    target = Path(local_file_uri_to_path(artifact_uri)) / "model"
+    for file in model_dir.rglob("*"):
+        link = target / file.relative_to(model_dir)
+        if file.is_dir() or (link.exists() and link.stat().st_size == file.stat().st_size):
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        try:
+            os.link(file, link)
+        except OSError:  # another filesystem
+            shutil.copy2(file, link)
+    return target.as_uri()
+
+
 def register_model(
     tracking: Tracking, run_id: str, name: str, alias: str, model_dir: Path, tags: dict[str, str]
 ) -> str:
@@ -73,9 +102,8 @@ def register_model(
         except MlflowException as exc:
             if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
                 raise
-        version = client.create_model_version(
-            name, source=model_dir.resolve().as_uri(), run_id=run_id, tags=tags
-        ).version
+        source = model_artifacts(client, run_id, model_dir.resolve())
+        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
     client.set_registered_model_alias(name, alias, version)
     return str(version)
 

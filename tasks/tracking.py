@@ -1,8 +1,9 @@
 """The one MLflow helper: a parent run per pipeline run, a child run per stage.
 
-The tracking URI is `MLFLOW_TRACKING_URI` when set, else SQLite inside the workspace, so a
-fresh machine needs no server. Everything goes through an explicit `MlflowClient`, never the
-fluent API's global active run, because Prefect may run tasks on worker threads.
+The tracking URI is `MLFLOW_TRACKING_URI` when set, else the MLflow server that `make ui`
+started for the workspace, else SQLite inside the workspace, so a fresh machine needs no
+server. Everything goes through an explicit `MlflowClient`, never the fluent API's global
+active run, because Prefect may run tasks on worker threads.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
+from tasks import local_servers
 from tasks.locks import file_lock
 
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND = "mlflow.experimentKind"
 
 
 class Tracking(BaseModel):
@@ -37,7 +40,11 @@ class Tracking(BaseModel):
 
 
 def tracking_uri(workspace: Path) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
+    """`MLFLOW_TRACKING_URI`, else the workspace's MLflow server while `make ui` runs it, else its SQLite file."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    servers = local_servers.running(workspace)
+    return servers.mlflow_url if servers else f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
 
 
 def _experiment_id(client: MlflowClient, name: str, workspace: Path) -> str:
@@ -47,7 +54,10 @@ def _experiment_id(client: MlflowClient, name: str, workspace: Path) -> str:
     location = None
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         location = (workspace.resolve() / "mlartifacts").as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    # the MLflow UI opens a "model training" experiment on its runs table, not the GenAI pages
+    return client.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND: "custom_model_development"}
+    )
 
 
 def git_state() -> dict[str, str]:

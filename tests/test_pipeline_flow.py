@@ -72,7 +72,10 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     assert by_stage["template"].inputs.dataset_inputs, "datasets are logged as MLflow inputs"
     version = client.get_model_version_by_alias("tiny-test", "candidate")
     assert version.run_id == by_stage["export"].info.run_id
-    assert Path(version.source.removeprefix("file://")) == model_dir.resolve()
+    registered = Path(version.source.removeprefix("file://"))
+    assert registered.parent.as_uri() == by_stage["export"].info.artifact_uri, "the model is in the run's artifacts"
+    assert sorted(p.name for p in registered.iterdir()) == sorted(p.name for p in model_dir.iterdir())
+    assert all((registered / p.name).samefile(p) for p in model_dir.glob("*.safetensors")), "hard links, not copies"
 
     # Learning happened where it should: LoRA layers moved, everything frozen stayed put
     adapter = load_file(Path(stages["train"]["output_dir"]) / "adapter" / "adapter_model.safetensors")

@@ -20,7 +20,8 @@ def write_spec(tmp_path: Path, data: dict) -> Path:
     return path
 
 
-PIPELINE_SPECS = sorted(p for p in DEPLOYMENTS.glob("*.yaml") if p.name != "prefect.yaml")
+PREFECT_FILES = sorted(DEPLOYMENTS.glob("prefect*.yaml"))
+PIPELINE_SPECS = sorted(p for p in DEPLOYMENTS.glob("*.yaml") if p not in PREFECT_FILES)
 
 
 @pytest.mark.parametrize("path", sorted(DEPLOYMENTS.glob("*.yaml")), ids=lambda p: p.name)
@@ -33,8 +34,9 @@ def test_every_shipped_spec_loads_and_its_data_reads(path: Path):
     check_inputs(load_spec(path))
 
 
-def test_prefect_deployments_carry_valid_specs_equal_to_the_shipped_ones():
-    deployments = yaml.safe_load((DEPLOYMENTS / "prefect.yaml").read_text())["deployments"]
+@pytest.mark.parametrize("prefect_file", PREFECT_FILES, ids=lambda p: p.name)
+def test_prefect_deployments_carry_valid_specs_equal_to_the_shipped_ones(prefect_file: Path):
+    deployments = yaml.safe_load(prefect_file.read_text())["deployments"]
     shipped = {load_spec(path).name: load_spec(path) for path in PIPELINE_SPECS}
     for deployment in deployments:
         assert deployment["entrypoint"] == "flows/pipeline.py:finetune"
