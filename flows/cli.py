@@ -6,6 +6,9 @@
     tunefactory chat workspace/models/self-cognition
     tunefactory validate SPEC | tunefactory schema
     tunefactory ui start | stop   (`make ui`, `make ui-stop`)
+    tunefactory sweep SPEC --grid train.learning_rate=1e-4,5e-4 --grid train.lora.rank=8,16
+    tunefactory compare SPEC [--last 5] | tunefactory compare --runs ID ID ...
+    tunefactory lineage self-cognition@candidate | tunefactory promote self-cognition/3
 
 Mistakes in a spec or a dataset are reported as one message naming the key, file or row,
 before any stage runs; a traceback means a bug in tunefactory.
@@ -14,6 +17,7 @@ before any stage runs; a traceback means a bug in tunefactory.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -42,10 +46,12 @@ def check_inputs(spec: PipelineSpec) -> None:
 
 def user_errors() -> tuple[type[Exception], ...]:
     from tasks.child_process import WorkerError
+    from tasks.compare_runs import CompareError
     from tasks.dataset_registry import DataError
     from tasks.materialize_model import ModelSourceError
+    from tasks.model_registry import RegistryError
 
-    return SpecError, DataError, ModelSourceError, WorkerError
+    return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError
 
 
 def report_to_running_servers(spec: PipelineSpec) -> None:
@@ -194,6 +200,83 @@ def command_schema(_: argparse.Namespace) -> int:
     return 0
 
 
+def command_sweep(args: argparse.Namespace) -> int:
+    """The grid's variants as subflows of one Prefect flow, then their comparison."""
+    from flows.sweep import expand_grid, parse_grid
+
+    spec = load_spec(args.spec, args.set)
+    grid = parse_grid(args.grid)
+    variants = expand_grid(spec, grid)  # every variant validated before anything runs
+    report_to_running_servers(spec)
+    check_inputs(spec)
+    print(f"tunefactory: {len(variants)} variants: " + "; ".join(label for label, _ in variants))
+    from flows.sweep import sweep
+
+    state = sweep(spec, grid, return_state=True)
+    if not state.is_completed():
+        print(f"tunefactory: the sweep {state.name.lower()}: {state.message}", file=sys.stderr)
+        return 1
+    result = state.result()
+    rows = [[v["label"], v["state"]] for v in result["variants"]]
+    print("\n" + table(rows, ["variant", "state"]))
+    comparison = result["comparison"]
+    if comparison:
+        print_comparison(Path(comparison["paths"]["csv"]), comparison["paths"])
+    failed = [v for v in result["variants"] if v["state"] != "Completed"]
+    return 1 if failed else 0
+
+
+def print_comparison(csv: Path, paths: dict[str, Any]) -> None:
+    import pandas as pd
+
+    frame = pd.read_csv(csv, index_col="run").drop(columns=["run_id"])
+    with pd.option_context("display.width", 200, "display.max_columns", 50):
+        print("\n" + frame.to_string(float_format=lambda v: f"{v:.4g}"))
+    print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+
+
+def command_compare(args: argparse.Namespace) -> int:
+    from flows.compare import comparison_dir, run_comparison
+
+    if args.spec:
+        spec = load_spec(args.spec, args.set)
+        workspace, experiment = Path(spec.workspace), spec.name
+    elif args.runs:
+        workspace, experiment = Path(args.workspace), None
+    else:
+        raise SpecError("compare: give a spec (its latest runs) or --runs RUN_ID ...")
+    workspace = workspace.resolve()
+    out = Path(args.out) if args.out else comparison_dir(workspace, experiment or "selected-runs")
+    _, paths = run_comparison(workspace, experiment, args.runs, args.last, out)
+    print_comparison(paths["csv"], paths)
+    return 0
+
+
+def registry_client(workspace: str):
+    from mlflow.tracking import MlflowClient
+
+    from tasks.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri=tracking_uri(Path(workspace).resolve()))
+
+
+def command_lineage(args: argparse.Namespace) -> int:
+    from tasks.lineage import format_lineage, model_lineage
+
+    lineage = model_lineage(registry_client(args.workspace), args.model)
+    print(json.dumps(lineage, indent=2) if args.json else format_lineage(lineage))
+    return 0
+
+
+def command_promote(args: argparse.Namespace) -> int:
+    from tasks.model_registry import CHAMPION, promote
+
+    version, reasons = promote(registry_client(args.workspace), args.model, force=args.force)
+    print(f"tunefactory: {version.name} version {version.version} is now @{CHAMPION}")
+    print("\n".join(f"  {reason}" for reason in reasons))
+    return 0
+
+
 def command_ui(args: argparse.Namespace) -> int:
     from tasks import local_servers
 
@@ -253,6 +336,35 @@ def parser() -> argparse.ArgumentParser:
     preview.set_defaults(handler=command_preview)
     with_spec("validate", "check a spec and print it resolved").set_defaults(handler=command_validate)
     commands.add_parser("schema", help="list every spec key with its default").set_defaults(handler=command_schema)
+    sweep = with_spec("sweep", "run a grid of spec variants, sharing the stages they have in common, then compare")
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a spec key and the values to try, e.g. train.learning_rate=1e-4,5e-4 (repeatable: the grid)",
+    )
+    sweep.set_defaults(handler=command_sweep)
+    compare = commands.add_parser("compare", help="compare pipeline runs: table (CSV, Markdown) and plot")
+    compare.add_argument("spec", nargs="?", help="compare this spec's latest runs")
+    compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=argparse.SUPPRESS)
+    compare.add_argument("--runs", nargs="+", metavar="RUN_ID", help="MLflow pipeline run ids to compare")
+    compare.add_argument("--last", type=int, default=5, help="how many of the latest runs (default 5)")
+    compare.add_argument("--workspace", default="workspace", help="with --runs: the workspace whose MLflow to read")
+    compare.add_argument("--out", help="folder for comparison.csv/.md/.png (default: workspace/comparisons/NAME)")
+    compare.set_defaults(handler=command_compare)
+    for name, help_text, handler in (
+        ("lineage", "trace a registered model back to its runs, data and base model", command_lineage),
+        ("promote", "move @champion to a model version if it evaluates at least as well", command_promote),
+    ):
+        sub = commands.add_parser(name, help=help_text)
+        sub.add_argument("model", help="MODEL (newest version), MODEL/VERSION or MODEL@ALIAS")
+        sub.add_argument("--workspace", default="workspace")
+        sub.set_defaults(handler=handler)
+        if name == "lineage":
+            sub.add_argument("--json", action="store_true", help="print the lineage as JSON")
+        else:
+            sub.add_argument("--force", action="store_true", help="promote even if it evaluates worse")
     ui = commands.add_parser("ui", help="start or stop the Prefect and MLflow servers of a workspace (loopback)")
     ui.add_argument("action", choices=["start", "stop"])
     ui.add_argument("--workspace", default="workspace")

@@ -22,7 +22,7 @@ from tasks.export import merge_and_export
 from tasks.materialize_model import materialize_base_model
 from tasks.template_dataset import template_dataset
 from tasks.tokenize_dataset import tokenize_dataset
-from tasks.tracking import end_pipeline_run, start_pipeline_run
+from tasks.tracking import end_pipeline_run, start_pipeline_run, tag_pipeline_run
 from tasks.train import train_model
 
 
@@ -31,8 +31,11 @@ def retrying(stage: Task, retry: StageRetry) -> Task:
 
 
 @flow(name="finetune", flow_run_name="{spec.name}")
-def finetune(spec: PipelineSpec) -> dict[str, Any]:
-    """Fine-tune, evaluate and export a model as the spec describes."""
+def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fine-tune, evaluate and export a model as the spec describes.
+
+    `labels` become tags of the pipeline's MLflow run (a sweep marks its variants with them).
+    """
     workspace = Path(spec.workspace).resolve()
     tracking = start_pipeline_run(
         spec.name,
@@ -43,12 +46,16 @@ def finetune(spec: PipelineSpec) -> dict[str, Any]:
             "prefect_flow_run_url": str(flow_run.ui_url),
             "flow_run_name": str(flow_run.name),
             "spec_digest": spec.digest(),
+            **(labels or {}),
         },
     )
     stages, retry = {}, spec.retries
     try:
         stages["model"] = base = retrying(materialize_base_model, retry.model)(
             spec.model.name_or_path, spec.model.trust_remote_code, workspace, tracking
+        )
+        tag_pipeline_run(
+            tracking, {"base_model": spec.model.name_or_path, "base_model_digest": base.info["source_digest"]}
         )
         stages["template"] = templated = retrying(template_dataset, retry.template)(spec.dataset, workspace, tracking)
         stages["tokenize"] = tokenized = retrying(tokenize_dataset, retry.tokenize)(

@@ -7,6 +7,7 @@ identity questions; control-set accuracy and identity leak rate on general quest
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,14 @@ def comparison_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
+def eval_set_digest(worker: dict[str, Any]) -> str:
+    """What makes scores comparable across models: the same prompts, references, answer length
+    and validation split (part of the tokenized data)."""
+    parts = [worker[k] for k in ("identity", "control", "max_new_tokens", "tokenized_digest")]
+    payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def _build(worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
     logger = get_run_logger()
     metrics: dict[str, float] = {}
@@ -82,7 +91,9 @@ def _build(worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
     (out / "comparison.json").write_text(json.dumps(table, ensure_ascii=False, indent=2))
     run.log_table(table, "eval_table.json")
     publish_evaluation(metrics, table)
-    return StageResult(metrics=metrics)
+    digest = eval_set_digest(worker)
+    run.set_tags({"eval_set_digest": digest})
+    return StageResult(metrics=metrics, info={"eval_set_digest": digest})
 
 
 @task(name="evaluate", task_run_name="evaluate")
@@ -107,6 +118,7 @@ def evaluate_model(
         "adapter_path": str(weights) if trained.info["finetuning_type"] == "lora" else None,
         "tuned_model_path": None if trained.info["finetuning_type"] == "lora" else str(weights),
         "dataset_dir": str(tokenized.path),
+        "tokenized_digest": tokenized.info.get("tokenized_digest", ""),
         "identity": identity,
         "control": control,
         "template_vars": template_vars,

@@ -8,8 +8,6 @@ evaluation metrics. `<workspace>/models/<spec name>` points at the newest export
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from prefect import get_run_logger, task
 from flows.spec import ExportSpec
 from tasks.child_process import run_worker
 from tasks.materialize_model import base_model_path
+from tasks.model_registry import register_model
 from tasks.prefect_artifacts import publish_export_summary
 from tasks.stage_output import Manifest, StageResult, code_version, point_link, run_stage
 from tasks.tracking import StageRun, Tracking
@@ -53,59 +52,6 @@ Fine-tuned with tunefactory ({lineage["finetuning_type"]}) from `{lineage["base_
 Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)`, or chat with
 `tunefactory chat <this directory>`.
 """
-
-
-def model_artifacts(client: Any, run_id: str, model_dir: Path) -> str:
-    """Put the exported files among the export run's artifacts; returns their URI.
-
-    A registered version's source must lie inside its run's artifacts (an MLflow server
-    refuses anything else). On a local artifact store the files are hard-linked, so the
-    gigabytes exist once on disk; a remote store gets a copy.
-    """
-    from mlflow.utils.file_utils import local_file_uri_to_path
-
-    artifact_uri = client.get_run(run_id).info.artifact_uri
-    if not artifact_uri.startswith("file:"):
-        client.log_artifacts(run_id, str(model_dir), "model")
-        return f"{artifact_uri}/model"
-    target = Path(local_file_uri_to_path(artifact_uri)) / "model"
-    for file in model_dir.rglob("*"):
-        link = target / file.relative_to(model_dir)
-        if file.is_dir() or (link.exists() and link.stat().st_size == file.stat().st_size):
-            continue
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        try:
-            os.link(file, link)
-        except OSError:  # another filesystem
-            shutil.copy2(file, link)
-    return target.as_uri()
-
-
-def register_model(
-    tracking: Tracking, run_id: str, name: str, alias: str, model_dir: Path, tags: dict[str, str]
-) -> str:
-    """The Model Registry version for an export run, created once; the alias points at it.
-
-    Idempotent, so a reused export (or one whose registration was interrupted) is registered
-    exactly once and keeps its version number.
-    """
-    from mlflow.exceptions import MlflowException
-
-    client = tracking.client()
-    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-    if existing:
-        version = existing[0].version
-    else:
-        try:
-            client.create_registered_model(name)
-        except MlflowException as exc:
-            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
-                raise
-        source = model_artifacts(client, run_id, model_dir.resolve())
-        version = client.create_model_version(name, source=source, run_id=run_id, tags=tags).version
-    client.set_registered_model_alias(name, alias, version)
-    return str(version)
 
 
 def _build(
@@ -182,9 +128,10 @@ def merge_and_export(
     tags = {
         "spec_digest": spec_digest,
         "base_model_digest": lineage["base_model_digest"],
+        "eval_set_digest": evaluated.info.get("eval_set_digest", "") if evaluated else "",
         **{k: f"{v:.4f}" for k, v in eval_metrics.items() if k.startswith("tuned_")},
     }
-    version = register_model(tracking, manifest.mlflow_run_id, registered, config.alias, model_dir, tags)
+    version = register_model(tracking.client(), manifest.mlflow_run_id, registered, config.alias, model_dir, tags)
     get_run_logger().info("registered %s version %s as @%s", registered, version, config.alias)
     publish_export_summary(
         model_dir, registered, version, config.alias, tracking.uri, tracking.experiment_id, manifest.mlflow_run_id

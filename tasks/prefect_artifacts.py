@@ -105,3 +105,14 @@ def publish_export_summary(
         f"Chat with it: `tunefactory chat {model_dir}`"
     )
     create_markdown_artifact(markdown, key=artifact_key("export"), description="Where the model is")
+
+
+def publish_comparison(rows: list[dict[str, Any]], png: Path, title: str) -> None:
+    """The comparison table, and the loss curves and evaluation bars as a picture."""
+    create_table_artifact(rows, key=artifact_key("comparison"), description=title)
+    image = base64.b64encode(png.read_bytes()).decode()
+    create_markdown_artifact(
+        f"## {title}\n\n![loss curves and evaluation](data:image/png;base64,{image})\n\nFile: `{png}`",
+        key=artifact_key("comparison-plot"),
+        description=title,
+    )

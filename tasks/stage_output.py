@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from tasks.locks import file_lock
 from tasks.tracking import StageRun, Tracking, record_reused_stage, stage_run
 
+PARTIAL_SUFFIX = ".partial"
 MANIFEST = "manifest.json"
 
 
@@ -61,6 +62,17 @@ def sha256_file(path: Path) -> str:
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    return digest.hexdigest()
+
+
+def tree_digest(root: Path, names: list[str]) -> str:
+    """One digest over the named files and directories under `root`: a dataset's identity."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(f"{file.relative_to(root)}:{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 
@@ -115,7 +127,7 @@ def build_output(
     so it finds its checkpoints there; any other stage starts from an empty one.
     """
     final = stage_dir(workspace, stage, key)
-    partial = final.with_name(key + ".partial")
+    partial = final.with_name(key + PARTIAL_SUFFIX)
     if not resumable:
         shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True, exist_ok=True)
@@ -142,6 +154,11 @@ def build_output(
         shutil.rmtree(final)
     os.replace(partial, final)
     return manifest
+
+
+def published_dir(out: Path) -> Path:
+    """Where a stage's output lives once built: `out` is its `.partial` directory while building."""
+    return out.with_name(out.name.removesuffix(PARTIAL_SUFFIX))
 
 
 def run_stage(

@@ -18,7 +18,7 @@ from prefect import get_run_logger, task
 from flows.spec import DatasetSpec
 from tasks.dataset_registry import DataError, read_rows, resolve_dataset, to_messages
 from tasks.prefect_artifacts import publish_preview
-from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
+from tasks.stage_output import Manifest, StageResult, code_version, published_dir, run_stage, sha256_file, tree_digest
 from tasks.tracking import StageRun, Tracking
 
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>|\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -106,18 +106,22 @@ def _build(config: DatasetSpec, out: Path, run: StageRun) -> StageResult:
     (out / "preview.json").write_text(json.dumps(preview, ensure_ascii=False, indent=2))
     run.log_table(preview, "preview.json")
     publish_preview(preview)
-    for source in sources:
+    for source in sources:  # each raw file as it is on disk
         run.log_dataset(
-            [
-                {"dataset": e["dataset"], "row": e["row"], "messages": e["messages"]}
-                for e in examples
-                if e["dataset"] == source["name"]
-            ],
-            name=f"{source['name']} (templated)",
+            read_rows(resolve_dataset(source["name"], config.registry)),
+            name=source["name"],
             source=source["file"],
             digest=source["sha256"][:16],
-            context="templated",
+            context="raw",
         )
+    templated_digest = tree_digest(out, ["train.jsonl", "val.jsonl"])
+    run.log_dataset(
+        [{"split": split, **e} for split, rows in (("train", train), ("val", val)) for e in rows],
+        name="templated",
+        source=str(published_dir(out)),
+        digest=templated_digest[:16],
+        context="templated",
+    )
     logger = get_run_logger()
     logger.info("templated %d rows: %d train, %d validation", len(examples), len(train), len(val))
     for row in preview:
@@ -129,7 +133,7 @@ def _build(config: DatasetSpec, out: Path, run: StageRun) -> StageResult:
         )
     return StageResult(
         metrics={"rows": len(examples), "train_rows": len(train), "val_rows": len(val)},
-        info={"sources": sources, "template_vars": config.template_vars},
+        info={"sources": sources, "template_vars": config.template_vars, "templated_digest": templated_digest},
     )
 
 

@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 
 from flows.spec import TokenizeSpec
 from tasks.prefect_artifacts import publish_token_stats
-from tasks.stage_output import Manifest, StageResult, code_version, run_stage
+from tasks.stage_output import Manifest, StageResult, code_version, published_dir, run_stage, tree_digest
 from tasks.tracking import StageRun, Tracking
 
 IGNORE_INDEX = -100
@@ -84,7 +84,7 @@ def _build(config: TokenizeSpec, templated: Path, model_path: Path, out: Path, r
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     metrics: dict[str, float] = {}
-    samples = []
+    samples, lengths = [], []
     for split in ("train", "val"):
         examples = read_jsonl(templated / f"{split}.jsonl")
         columns, stats = tokenize_examples(tokenizer, examples, config.cutoff_len, config.train_on_prompt)
@@ -92,12 +92,15 @@ def _build(config: TokenizeSpec, templated: Path, model_path: Path, out: Path, r
             Dataset.from_dict(columns).save_to_disk(str(out / split))
         metrics.update({f"{split}_{name}": value for name, value in stats.items()})
         samples += columns["input_ids"][:1]
+        lengths += [{"split": split, "tokens": len(ids)} for ids in columns["input_ids"]]
         get_run_logger().info("%s: %s", split, ", ".join(f"{k}={v}" for k, v in stats.items()))
     if metrics["train_examples"] == 0:
         raise ValueError("no training example is left after tokenization; raise tokenize.cutoff_len")
     run.log_text(tokenizer.decode(samples[0]), "sample_rendered.txt")
+    digest = tree_digest(out, ["train", "val"])
+    run.log_dataset(lengths, name="tokenized", source=str(published_dir(out)), digest=digest[:16], context="tokenized")
     publish_token_stats(metrics)
-    return StageResult(metrics=metrics)
+    return StageResult(metrics=metrics, info={"tokenized_digest": digest})
 
 
 @task(name="tokenize-dataset", task_run_name="tokenize dataset")

@@ -72,6 +72,22 @@ def git_state() -> dict[str, str]:
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain")))}
 
 
+LIBRARIES = ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "prefect", "mlflow", "pandas")
+
+
+def library_versions() -> dict[str, str]:
+    """`library.<name>` tags: what a model was built with, for the day results stop matching."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[f"library.{name}"] = version(name)
+        except PackageNotFoundError:
+            versions[f"library.{name}"] = "not installed"
+    return versions
+
+
 def start_pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], tags: dict[str, str]) -> Tracking:
     """Open the parent run and record the resolved spec with it."""
     uri = tracking_uri(workspace)
@@ -79,9 +95,17 @@ def start_pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], t
     with file_lock(workspace / ".mlflow.lock"):
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment_id(client, experiment, workspace)
-    run = client.create_run(experiment_id, run_name=tags.get("flow_run_name"), tags={**git_state(), **tags})
+    run = client.create_run(
+        experiment_id, run_name=tags.get("flow_run_name"), tags={**git_state(), **library_versions(), **tags}
+    )
     client.log_dict(run.info.run_id, spec, "spec.json")
+    # the resolved spec as params too, so runs compare key by key in the MLflow UI and `compare`
+    StageRun(client, run.info.run_id).log_params(spec)
     return Tracking(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
+
+
+def tag_pipeline_run(tracking: Tracking, tags: dict[str, str]) -> None:
+    StageRun(tracking.client(), tracking.parent_run_id).set_tags(tags)
 
 
 def end_pipeline_run(tracking: Tracking, succeeded: bool, metrics: dict[str, float] | None = None) -> None:

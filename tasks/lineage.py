@@ -1,0 +1,130 @@
+"""From a registered model version back to its raw data: `tunefactory lineage MODEL@candidate`.
+
+The chain is read from MLflow alone: the version's run is the export stage's run; its parent
+is the pipeline run (spec, git commit, library versions); the parent's other child runs are
+the stages. A stage that was reused points at the run that built it, which holds its params
+and dataset inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from typing import Any
+
+from mlflow.entities import Run
+from mlflow.tracking import MlflowClient
+
+from tasks.model_registry import resolve_version
+from tasks.tracking import PARENT_TAG
+
+CHAIN = ("export", "evaluate", "train", "tokenize", "template", "model")
+
+
+def _producer(client: MlflowClient, run: Run) -> Run:
+    """The run that built a stage's output: the run itself, or the one a reused stage points at."""
+    producer = run.data.tags.get("produced_by_run_id")
+    return client.get_run(producer) if producer else run
+
+
+def _datasets(run: Run) -> list[dict[str, str]]:
+    found = []
+    for item in run.inputs.dataset_inputs:
+        context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
+        source = item.dataset.source
+        with contextlib.suppress(ValueError, AttributeError):
+            source = json.loads(source).get("uri", source)
+        found.append({"name": item.dataset.name, "digest": item.dataset.digest, "source": source, "context": context})
+    return found
+
+
+def model_lineage(client: MlflowClient, reference: str) -> dict[str, Any]:
+    """The registered version and every stage run behind it, as plain data."""
+    version = resolve_version(client, reference)
+    export_run = client.get_run(version.run_id)
+    pipeline_id = export_run.data.tags.get(PARENT_TAG)
+    pipeline = client.get_run(pipeline_id)
+    children = client.search_runs(
+        [pipeline.info.experiment_id], f"tags.`{PARENT_TAG}` = '{pipeline_id}'", max_results=100
+    )
+    stages: dict[str, Any] = {}
+    for child in children:
+        stage = child.data.tags.get("stage")
+        if stage not in CHAIN or stage in stages:
+            continue
+        built_by = _producer(client, child)
+        stages[stage] = {
+            "run_id": built_by.info.run_id,
+            "reused": built_by.info.run_id != child.info.run_id,
+            "params": built_by.data.params,
+            "tags": {k: v for k, v in built_by.data.tags.items() if not k.startswith("mlflow.")},
+            "metrics": built_by.data.metrics,
+            "datasets": _datasets(built_by),
+        }
+    tags = pipeline.data.tags
+    return {
+        "model": {
+            "name": version.name,
+            "version": version.version,
+            "aliases": list(version.aliases),
+            "source": version.source,
+            "tags": dict(version.tags),
+        },
+        "pipeline": {
+            "run_id": pipeline_id,
+            "flow_run_id": tags.get("prefect_flow_run_id", ""),
+            "spec_digest": tags.get("spec_digest", ""),
+            "git_commit": tags.get("git_commit", ""),
+            "git_dirty": tags.get("git_dirty", ""),
+            "libraries": {k.removeprefix("library."): v for k, v in tags.items() if k.startswith("library.")},
+            "base_model": tags.get("base_model", ""),
+            "base_model_digest": tags.get("base_model_digest", ""),
+            "template_vars": {
+                k.removeprefix("dataset.template_vars."): v
+                for k, v in pipeline.data.params.items()
+                if k.startswith("dataset.template_vars.")
+            },
+        },
+        "stages": stages,
+    }
+
+
+def format_lineage(lineage: dict[str, Any]) -> str:
+    model, pipeline, stages = lineage["model"], lineage["pipeline"], lineage["stages"]
+    aliases = " ".join(f"@{a}" for a in model["aliases"])
+    lines = [f"{model['name']} version {model['version']} {aliases}".rstrip(), f"  files: {model['source']}"]
+    metrics = {k: v for k, v in model["tags"].items() if k.startswith("tuned_")}
+    if metrics:
+        lines.append(
+            "  evaluation: "
+            + ", ".join(f"{k.removeprefix('tuned_')} {v}" for k, v in sorted(metrics.items()))
+            + f" (eval set {model['tags'].get('eval_set_digest', '?')})"
+        )
+    dirty = " (uncommitted changes)" if pipeline["git_dirty"] == "True" else ""
+    lines += [
+        f"pipeline run {pipeline['run_id']}: Prefect flow run {pipeline['flow_run_id']}, "
+        f"spec {pipeline['spec_digest']}, git {pipeline['git_commit'][:12]}{dirty}",
+        "  libraries: " + ", ".join(f"{k} {v}" for k, v in pipeline["libraries"].items()),
+    ]
+    for stage in CHAIN:
+        if stage not in stages:
+            continue
+        info = stages[stage]
+        reused = " (reused)" if info["reused"] else ""
+        lines.append(f"{stage:<9} run {info['run_id']}{reused}")
+        params = info["params"]
+        if stage == "train":
+            keys = ("stage", "finetuning_type", "learning_rate", "num_epochs", "lr_scheduler", "lora.rank")
+            lines.append("  " + ", ".join(f"{k}={params[k]}" for k in keys if k in params))
+            if "final_loss" in info["metrics"]:
+                lines.append(f"  final training loss {info['metrics']['final_loss']:.4f}")
+        if stage == "template":
+            values = ", ".join(f"{k}={v!r}" for k, v in pipeline["template_vars"].items()) or "none"
+            lines.append(f"  template values: {values}")
+        if stage == "model":
+            lines.append(f"  base model {pipeline['base_model']} digest {pipeline['base_model_digest']}")
+        for dataset in info["datasets"]:
+            lines.append(
+                f"  {dataset['context']} dataset {dataset['name']}: digest {dataset['digest']}, {dataset['source']}"
+            )
+    return "\n".join(lines)

@@ -1,0 +1,145 @@
+"""The MLflow Model Registry: registering an export, naming a version, promoting it.
+
+A version is named as `MODEL` (the newest), `MODEL/3` or `MODEL@champion`. Every version
+carries tags that make it comparable: the spec hash, the base model's digest, the digest of
+the evaluation set it was scored on and the tuned model's evaluation metrics.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+# the metrics promotion compares: True where higher is better
+PROMOTION_METRICS = {
+    "tuned_identity_hit_rate": True,
+    "tuned_control_accuracy": True,
+    "tuned_control_identity_leak": False,
+    "tuned_val_loss": False,
+}
+
+
+class RegistryError(ValueError):
+    """A model, version or alias that does not exist, or a refused promotion."""
+
+
+def model_artifacts(client: MlflowClient, run_id: str, model_dir: Path) -> str:
+    """Put the exported files among the export run's artifacts; returns their URI.
+
+    A registered version's source must lie inside its run's artifacts (an MLflow server
+    refuses anything else). On a local artifact store the files are hard-linked, so the
+    gigabytes exist once on disk; a remote store gets a copy.
+    """
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    artifact_uri = client.get_run(run_id).info.artifact_uri
+    if not artifact_uri.startswith("file:"):
+        client.log_artifacts(run_id, str(model_dir), "model")
+        return f"{artifact_uri}/model"
+    target = Path(local_file_uri_to_path(artifact_uri)) / "model"
+    for file in model_dir.rglob("*"):
+        link = target / file.relative_to(model_dir)
+        if file.is_dir() or (link.exists() and link.stat().st_size == file.stat().st_size):
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        try:
+            os.link(file, link)
+        except OSError:  # another filesystem
+            shutil.copy2(file, link)
+    return target.as_uri()
+
+
+def register_model(
+    client: MlflowClient, run_id: str, name: str, alias: str, model_dir: Path, tags: dict[str, str]
+) -> str:
+    """The Model Registry version for an export run, created once; the alias points at it.
+
+    Idempotent, so a reused export (or one whose registration was interrupted) is registered
+    exactly once and keeps its version number; its tags follow the latest evaluation.
+    """
+    existing = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    if existing:
+        version = existing[0].version
+    else:
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exc:
+            if "RESOURCE_ALREADY_EXISTS" not in str(exc.error_code):
+                raise
+        source = model_artifacts(client, run_id, model_dir.resolve())
+        version = client.create_model_version(name, source=source, run_id=run_id).version
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    client.set_registered_model_alias(name, alias, version)
+    return str(version)
+
+
+def resolve_version(client: MlflowClient, reference: str) -> ModelVersion:
+    """`MODEL`, `MODEL/VERSION` or `MODEL@ALIAS` to a model version."""
+    try:
+        if "@" in reference:
+            name, alias = reference.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        if "/" in reference:
+            name, version = reference.rsplit("/", 1)
+            return client.get_model_version(name, version)
+        versions = client.search_model_versions(f"name = '{reference}'", order_by=["version_number DESC"])
+    except MlflowException as exc:
+        raise RegistryError(f"{reference}: no such model version or alias ({exc.message.splitlines()[0]})") from None
+    if not versions:
+        raise RegistryError(f"{reference}: no registered model of that name")
+    return versions[0]
+
+
+def evaluation(version: ModelVersion) -> dict[str, float]:
+    return {k: float(version.tags[k]) for k in PROMOTION_METRICS if k in version.tags}
+
+
+def promotion_verdict(candidate: ModelVersion, champion: ModelVersion | None) -> tuple[bool, list[str]]:
+    """Whether `candidate` may become champion, with one line per reason."""
+    if champion is None:
+        return True, ["no champion yet"]
+    if candidate.version == champion.version:
+        return True, [f"version {candidate.version} is already the champion"]
+    reasons, ok = [], True
+    ours, theirs = candidate.tags.get("eval_set_digest"), champion.tags.get("eval_set_digest")
+    if not ours or ours != theirs:
+        return False, [f"evaluated on another evaluation set ({ours} vs champion's {theirs}); not comparable"]
+    new, old = evaluation(candidate), evaluation(champion)
+    for metric, higher_is_better in PROMOTION_METRICS.items():
+        if metric not in new or metric not in old:
+            where = candidate.version if metric not in new else champion.version
+            return False, [f"{metric} is missing on version {where}"]
+        better_or_equal = new[metric] >= old[metric] if higher_is_better else new[metric] <= old[metric]
+        verdict = "as good or better" if better_or_equal else "worse"
+        reasons.append(f"{metric} {new[metric]:.3f} vs champion's {old[metric]:.3f}: {verdict}")
+        ok = ok and better_or_equal
+    return ok, reasons
+
+
+def promote(client: MlflowClient, reference: str, force: bool = False) -> tuple[ModelVersion, list[str]]:
+    """Move the `champion` alias to a version if it evaluates at least as well as the current one."""
+    candidate = resolve_version(client, reference)
+    try:
+        champion = client.get_model_version_by_alias(candidate.name, CHAMPION)
+    except MlflowException:
+        champion = None
+    ok, reasons = promotion_verdict(candidate, champion)
+    if not ok and not force:
+        raise RegistryError(
+            f"{candidate.name} version {candidate.version} not promoted: "
+            + "; ".join(reasons)
+            + " (--force promotes it anyway)"
+        )
+    client.set_registered_model_alias(candidate.name, CHAMPION, candidate.version)
+    client.set_model_version_tag(
+        candidate.name, candidate.version, "promoted_over", champion.version if champion else ""
+    )
+    return candidate, reasons + (["forced"] if not ok else [])
