@@ -19,10 +19,11 @@ from prefect.runtime import flow_run
 from flows.spec import PipelineSpec, StageRetry
 from tasks.evaluate import evaluate_model
 from tasks.export import merge_and_export
+from tasks.lineage import dataset_inputs
 from tasks.materialize_model import materialize_base_model
 from tasks.template_dataset import template_dataset
 from tasks.tokenize_dataset import tokenize_dataset
-from tasks.tracking import end_pipeline_run, start_pipeline_run, tag_pipeline_run
+from tasks.tracking import end_pipeline_run, log_pipeline_datasets, start_pipeline_run, tag_pipeline_run
 from tasks.train import train_model
 
 
@@ -61,6 +62,7 @@ def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[s
         stages["tokenize"] = tokenized = retrying(tokenize_dataset, retry.tokenize)(
             spec.tokenize, templated, base, workspace, tracking
         )
+        log_pipeline_datasets(tracking, dataset_inputs(templated, tokenized))
         stages["train"] = trained = retrying(train_model, retry.train)(spec.train, tokenized, base, workspace, tracking)
         stages["evaluate"] = evaluated = retrying(evaluate_model, retry.evaluate)(
             spec.evaluate,

@@ -137,6 +137,7 @@ def plot_comparison(table: pd.DataFrame, histories: dict[str, list[tuple[int, fl
         if points:
             steps, losses = zip(*points, strict=True)
             curves.plot(steps, losses, marker=".", linewidth=1.5, label=names.get(label, label))
+    curves.xaxis.get_major_locator().set_params(integer=True)
     curves.set_xlabel("optimizer step")
     curves.set_ylabel("training loss (cross-entropy, nats per token)")
     curves.set_title("Training loss")
@@ -148,7 +149,8 @@ def plot_comparison(table: pd.DataFrame, histories: dict[str, list[tuple[int, fl
     positions = np.arange(len(shares))
     for index, (label, row) in enumerate(table.iterrows()):
         values = [0.0 if pd.isna(row[m]) else row[m] for m in shares]
-        bars.bar(positions + index * width - 0.4 + width / 2, values, width, label=names[label])
+        drawn = bars.bar(positions + index * width - 0.4 + width / 2, values, width, label=names[label])
+        bars.bar_label(drawn, fmt="%.2f", fontsize=7, padding=2)  # a zero bar is invisible otherwise
     bars.set_xticks(positions, shares)
     bars.set_ylim(0, 1.05)
     bars.set_ylabel("share of held-out prompts (0-1)")

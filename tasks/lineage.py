@@ -16,7 +16,31 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from tasks.model_registry import resolve_version
+from tasks.stage_output import Manifest
 from tasks.tracking import PARENT_TAG
+
+
+def dataset_inputs(templated: Manifest, tokenized: Manifest) -> list[dict[str, str]]:
+    """A pipeline's data at each step: every raw file, the templated set, the tokenized set."""
+    raw = [
+        {"name": s["name"], "digest": s["sha256"][:16], "source": s["file"], "context": "raw"}
+        for s in templated.info["sources"]
+    ]
+    return raw + [
+        {
+            "name": "templated",
+            "digest": templated.info["templated_digest"][:16],
+            "source": str(templated.path),
+            "context": "templated",
+        },
+        {
+            "name": "tokenized",
+            "digest": tokenized.info["tokenized_digest"][:16],
+            "source": str(tokenized.path),
+            "context": "tokenized",
+        },
+    ]
+
 
 CHAIN = ("export", "evaluate", "train", "tokenize", "template", "model")
 
@@ -79,6 +103,7 @@ def model_lineage(client: MlflowClient, reference: str) -> dict[str, Any]:
             "libraries": {k.removeprefix("library."): v for k, v in tags.items() if k.startswith("library.")},
             "base_model": tags.get("base_model", ""),
             "base_model_digest": tags.get("base_model_digest", ""),
+            "datasets": _datasets(pipeline),
             "template_vars": {
                 k.removeprefix("dataset.template_vars."): v
                 for k, v in pipeline.data.params.items()

@@ -104,6 +104,20 @@ def start_pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], t
     return Tracking(uri=uri, experiment_id=experiment_id, parent_run_id=run.info.run_id)
 
 
+def log_pipeline_datasets(tracking: Tracking, datasets: list[dict[str, str]]) -> None:
+    """Dataset inputs (name, digest, source, context) on the pipeline run itself, rows not needed."""
+    from mlflow.entities import Dataset
+
+    inputs = [
+        DatasetInput(
+            Dataset(d["name"], d["digest"], "local", json.dumps({"uri": d["source"]})),
+            tags=[InputTag("mlflow.data.context", d["context"])],
+        )
+        for d in datasets
+    ]
+    tracking.client().log_inputs(tracking.parent_run_id, datasets=inputs)
+
+
 def tag_pipeline_run(tracking: Tracking, tags: dict[str, str]) -> None:
     StageRun(tracking.client(), tracking.parent_run_id).set_tags(tags)
 

@@ -108,6 +108,9 @@ def test_lineage_of_the_best_model_reaches_the_raw_dataset_digest(swept):
     assert {d["context"] for d in lineage["stages"]["tokenize"]["datasets"]} == {"tokenized"}
     assert {d["context"] for d in lineage["stages"]["template"]["datasets"]} == {"raw", "templated"}
     assert lineage["pipeline"]["template_vars"] == {"name": "Nova", "author": "Acme Labs"}
+    on_pipeline_run = {d["context"]: d for d in lineage["pipeline"]["datasets"]}
+    assert set(on_pipeline_run) == {"raw", "templated", "tokenized"}, "the pipeline run itself lists its data"
+    assert on_pipeline_run["tokenized"]["digest"] == lineage["stages"]["tokenize"]["datasets"][0]["digest"]
     assert lineage["pipeline"]["base_model_digest"]
     assert lineage["pipeline"]["libraries"]["torch"] and lineage["pipeline"]["git_commit"]
     assert lineage["stages"]["train"]["params"]["lora.rank"] in GRID["train.lora.rank"]
