@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -81,14 +82,17 @@ class Browser:
 
     def wait_for_text(self, *needles: str, timeout: float = 60) -> str:
         """The page's visible text once it holds every needle."""
+        return self.wait_until(lambda text: all(needle in text for needle in needles), f"{needles}", timeout)
+
+    def wait_until(self, ready: Callable[[str], bool], what: str, timeout: float = 60) -> str:
+        """The page's visible text once `ready(text)` holds (single-page apps fill in late)."""
         deadline = time.time() + timeout
         while True:
             text = self.text()
-            if all(needle in text for needle in needles):
+            if ready(text):
                 return text
             if time.time() > deadline:
-                missing = [n for n in needles if n not in text]
-                raise AssertionError(f"the page never showed {missing}; it shows:\n{text[:3000]}")
+                raise AssertionError(f"the page never showed {what}; it shows:\n{text[:3000]}")
             time.sleep(0.5)
 
     def click(self, label: str) -> None:

@@ -153,6 +153,24 @@ def wait_for_flow_process_exit(flow_run_id: str, timeout: float = 90) -> None:
     raise AssertionError(f"the process of flow run {flow_run_id} did not exit within {timeout} s")
 
 
+def settle(api: str, deployment_id: str, timeout: float = 240) -> None:
+    """Pause the schedule and let every started run finish and its process exit, so that
+    stopping `serve` interrupts nothing (an interrupted run is rightly marked Cancelled)."""
+    httpx.patch(f"{api}/deployments/{deployment_id}", json={"paused": True}).raise_for_status()
+    query = {"deployments": {"id": {"any_": [deployment_id]}}}
+    deadline = time.time() + timeout
+    while True:
+        runs = httpx.post(f"{api}/flow_runs/filter", json=query).json()
+        busy = [r for r in runs if r["state"]["type"] in ("PENDING", "RUNNING", "CANCELLING")]
+        if not busy:
+            break
+        assert time.time() < deadline, f"runs still busy after {timeout} s: {[r['name'] for r in busy]}"
+        time.sleep(1)
+    for run in runs:
+        wait_for_flow_process_exit(run["id"])
+    time.sleep(2)  # the runner forgets a finished process a moment after it exits
+
+
 @pytest.fixture(scope="module")
 def served_run(ui_servers, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """`tunefactory serve --interval 15` in a plain shell: it finds the servers through the workspace."""
@@ -171,7 +189,7 @@ def served_run(ui_servers, tiny_model: Path, tmp_path_factory: pytest.TempPathFa
         )
     try:
         flow_run = wait_for_completed_run(servers.prefect_api_url, "served-tiny", timeout=420, log=log)
-        wait_for_flow_process_exit(flow_run["id"])
+        settle(servers.prefect_api_url, flow_run["deployment_id"])
         return flow_run
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
@@ -293,9 +311,16 @@ def test_browser_mlflow_ui_shows_the_pipeline_run_with_its_stage_runs(ui_servers
         browser.wait_for_text(*(name for name in STAGES))
         shot = browser.screenshot(SCREENSHOTS / "mlflow_runs.png")
         browser.open(f"{servers.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}")
-        text = browser.wait_for_text("Child runs", parent.info.run_id)
-        child_runs = text[text.index("Child runs") : text.index("Source", text.index("Child runs"))]
-        assert all(stage in child_runs for stage in STAGES), child_runs
+
+        def child_runs(text: str) -> str:
+            start = text.find("Child runs")
+            return text[start : text.find("Source", start)] if start >= 0 else ""
+
+        # the run page fills in its child runs after a second request ("Child runs loading")
+        browser.wait_until(
+            lambda text: parent.info.run_id in text and all(stage in child_runs(text) for stage in STAGES),
+            f"the child runs {sorted(STAGES)} of {parent.info.run_id}",
+        )
     finally:
         browser.close()
     assert shot.stat().st_size > 20_000, "a rendered page, not a blank one"
