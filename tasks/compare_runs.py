@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tasks.tracking import PARENT_TAG
+from tasks.tracking import PARENT_TAG, built_by
 
 # the headline metrics, in table order, with how a person reads them
 METRICS = {
@@ -52,7 +52,7 @@ def pipeline_runs(
     return runs[::-1]
 
 
-def stage_run(client: MlflowClient, pipeline: Run, stage: str) -> Run | None:
+def stage_of(client: MlflowClient, pipeline: Run, stage: str) -> Run | None:
     """A pipeline's stage run, or the run that built the output it reused."""
     found = client.search_runs(
         [pipeline.info.experiment_id],
@@ -61,8 +61,7 @@ def stage_run(client: MlflowClient, pipeline: Run, stage: str) -> Run | None:
     )
     if not found:
         return None
-    producer = found[0].data.tags.get("produced_by_run_id")
-    return client.get_run(producer) if producer else found[0]
+    return built_by(client, found[0])
 
 
 def run_label(run: Run) -> str:
@@ -79,7 +78,7 @@ def comparison_table(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
     columns = differing_params(runs)
     rows = []
     for run in runs:
-        train = stage_run(client, run, "train")
+        train = stage_of(client, run, "train")
         row: dict[str, Any] = {"run": run_label(run), "run_id": run.info.run_id}
         row.update({key: run.data.params.get(key) for key in columns})
         row.update({name: run.data.metrics.get(metric) for metric, name in METRICS.items()})
@@ -92,7 +91,7 @@ def comparison_table(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
 def loss_histories(client: MlflowClient, runs: list[Run]) -> dict[str, list[tuple[int, float]]]:
     histories = {}
     for run in runs:
-        train = stage_run(client, run, "train")
+        train = stage_of(client, run, "train")
         if train is not None:
             points = client.get_metric_history(train.info.run_id, "loss")
             histories[run_label(run)] = sorted((p.step, p.value) for p in points)

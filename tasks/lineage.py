@@ -17,7 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.model_registry import resolve_version
 from tasks.stage_output import Manifest
-from tasks.tracking import PARENT_TAG
+from tasks.tracking import PARENT_TAG, built_by
 
 
 def dataset_inputs(templated: Manifest, tokenized: Manifest) -> list[dict[str, str]]:
@@ -45,12 +45,6 @@ def dataset_inputs(templated: Manifest, tokenized: Manifest) -> list[dict[str, s
 CHAIN = ("export", "evaluate", "train", "tokenize", "template", "model")
 
 
-def _producer(client: MlflowClient, run: Run) -> Run:
-    """The run that built a stage's output: the run itself, or the one a reused stage points at."""
-    producer = run.data.tags.get("produced_by_run_id")
-    return client.get_run(producer) if producer else run
-
-
 def _datasets(run: Run) -> list[dict[str, str]]:
     found = []
     for item in run.inputs.dataset_inputs:
@@ -76,14 +70,14 @@ def model_lineage(client: MlflowClient, reference: str) -> dict[str, Any]:
         stage = child.data.tags.get("stage")
         if stage not in CHAIN or stage in stages:
             continue
-        built_by = _producer(client, child)
+        producer = built_by(client, child)
         stages[stage] = {
-            "run_id": built_by.info.run_id,
-            "reused": built_by.info.run_id != child.info.run_id,
-            "params": built_by.data.params,
-            "tags": {k: v for k, v in built_by.data.tags.items() if not k.startswith("mlflow.")},
-            "metrics": built_by.data.metrics,
-            "datasets": _datasets(built_by),
+            "run_id": producer.info.run_id,
+            "reused": producer.info.run_id != child.info.run_id,
+            "params": producer.data.params,
+            "tags": {k: v for k, v in producer.data.tags.items() if not k.startswith("mlflow.")},
+            "metrics": producer.data.metrics,
+            "datasets": _datasets(producer),
         }
     tags = pipeline.data.tags
     return {

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, Run, RunTag
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
@@ -235,6 +235,12 @@ def _run_exists(client: MlflowClient, run_id: str) -> bool:
     except MlflowException:
         return False
     return True
+
+
+def built_by(client: MlflowClient, run: Run) -> Run:
+    """The run that built a stage's output: `run` itself, or the one a reused stage points at."""
+    producer = run.data.tags.get("produced_by_run_id")
+    return client.get_run(producer) if producer and producer != "unknown" else run
 
 
 def record_reused_stage(tracking: Tracking, stage: str, key: str, producer_run_id: str | None) -> str:
