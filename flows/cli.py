@@ -30,16 +30,25 @@ EXIT_USER_ERROR = 2
 
 def check_inputs(spec: PipelineSpec) -> None:
     """Read every dataset and the model source the spec names, so mistakes surface before stage one."""
+    from flows.spec import STAGE_DATA
+    from tasks.dataset_registry import DataError
     from tasks.evaluate import eval_prompts
     from tasks.materialize_model import source_fingerprint
     from tasks.template_dataset import templated_examples
 
     source_fingerprint(spec.model.name_or_path)
-    examples, _ = templated_examples(
-        spec.dataset.names, spec.dataset.registry, spec.dataset.template_vars, spec.dataset.max_samples
-    )
-    if not examples:
-        raise SpecError(f"dataset.names: {', '.join(spec.dataset.names)} hold no rows")
+    for plan in spec.training_plan():
+        data = spec.data_for(plan.config)
+        section = "train" if plan.name == "train" else f"then.{plan.name}"
+        key = "dataset.names" if plan.config.datasets is None else f"{section}.datasets"
+        try:
+            examples, _ = templated_examples(
+                data.names, data.registry, data.template_vars, data.max_samples, STAGE_DATA[plan.config.stage]
+            )
+        except DataError as exc:
+            raise DataError(f"{key} (read by stage {plan.config.stage}): {exc}") from None
+        if not examples:
+            raise SpecError(f"{key}: {', '.join(data.names)} hold no rows")
     eval_prompts(spec.evaluate.identity_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
     eval_prompts(spec.evaluate.control_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
 

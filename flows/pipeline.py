@@ -2,6 +2,10 @@
 
     materialize base model -> template dataset -> tokenize -> train -> evaluate -> merge & export
 
+A spec with several training stages (`then:`, e.g. sft -> rm -> ppo) templates, tokenizes
+and trains each in turn, each starting from an earlier stage's model; the last stage that
+makes a language model is evaluated and exported (an rm-only pipeline ends with its reward model).
+
 Run it with `tunefactory run deployments/self_cognition.yaml`, or call `finetune(spec)`.
 (No `from __future__ import annotations` here: Prefect reads the flow's parameter types at run
 time to validate a deployment's parameters, and they must be real classes, not strings.)
@@ -16,11 +20,12 @@ from typing import Any
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from flows.spec import PipelineSpec, StageRetry
+from flows.spec import STAGE_DATA, PipelineSpec, StageRetry
 from tasks.evaluate import evaluate_model
 from tasks.export import merge_and_export
 from tasks.lineage import dataset_inputs
 from tasks.materialize_model import materialize_base_model
+from tasks.stage_output import Manifest, stage_id
 from tasks.template_dataset import template_dataset
 from tasks.tokenize_dataset import tokenize_dataset
 from tasks.tracking import end_pipeline_run, log_pipeline_datasets, start_pipeline_run, tag_pipeline_run
@@ -29,6 +34,32 @@ from tasks.train import train_model
 
 def retrying(stage: Task, retry: StageRetry) -> Task:
     return stage.with_options(retries=retry.retries, retry_delay_seconds=retry.delay_seconds)
+
+
+def train_chain(spec: PipelineSpec, base: Manifest, workspace: Path, tracking, stages: dict[str, Manifest]) -> str:
+    """Template, tokenize and train each training stage in order; the name of the last that made a language model."""
+    retry, policy = spec.retries, ""
+    for plan in spec.training_plan():
+        templated = retrying(template_dataset, retry.template)(
+            spec.data_for(plan.config), workspace, tracking, STAGE_DATA[plan.config.stage], plan.name
+        )
+        tokenized = retrying(tokenize_dataset, retry.tokenize)(
+            spec.tokenize, templated, base, workspace, tracking, plan.name
+        )
+        log_pipeline_datasets(tracking, dataset_inputs(templated, tokenized, plan.name))
+        stages[stage_id("template", plan.name)], stages[stage_id("tokenize", plan.name)] = templated, tokenized
+        stages[stage_id("train", plan.name)] = retrying(train_model, retry.train)(
+            plan.config,
+            tokenized,
+            base,
+            workspace,
+            tracking,
+            plan.name,
+            stages[stage_id("train", plan.start)] if plan.start else None,
+            stages[stage_id("train", plan.reward)] if plan.reward else None,
+        )
+        policy = policy if plan.config.stage == "rm" else plan.name
+    return policy
 
 
 @flow(name="finetune", flow_run_name="{spec.name}")
@@ -58,30 +89,28 @@ def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[s
         tag_pipeline_run(
             tracking, {"base_model": spec.model.name_or_path, "base_model_digest": base.info["source_digest"]}
         )
-        stages["template"] = templated = retrying(template_dataset, retry.template)(spec.dataset, workspace, tracking)
-        stages["tokenize"] = tokenized = retrying(tokenize_dataset, retry.tokenize)(
-            spec.tokenize, templated, base, workspace, tracking
-        )
-        log_pipeline_datasets(tracking, dataset_inputs(templated, tokenized))
-        stages["train"] = trained = retrying(train_model, retry.train)(spec.train, tokenized, base, workspace, tracking)
-        stages["evaluate"] = evaluated = retrying(evaluate_model, retry.evaluate)(
-            spec.evaluate,
-            spec.dataset.registry,
-            spec.dataset.template_vars,
-            spec.train.compute_type,
-            trained,
-            tokenized,
-            base,
-            workspace,
-            tracking,
-        )
-        stages["export"] = retrying(merge_and_export, retry.export)(
-            spec.export, spec.name, spec.digest(), trained, evaluated, templated, base, workspace, tracking
-        )
+        policy = train_chain(spec, base, workspace, tracking, stages)
+        if policy:  # evaluate and export the final language model
+            trained = stages[stage_id("train", policy)]
+            stages["evaluate"] = evaluated = retrying(evaluate_model, retry.evaluate)(
+                spec.evaluate,
+                spec.dataset.registry,
+                spec.dataset.template_vars,
+                spec.train.compute_type,
+                trained,
+                stages["tokenize"],
+                base,
+                workspace,
+                tracking,
+            )
+            templated = [m for name, m in stages.items() if name.startswith("template")]
+            stages["export"] = retrying(merge_and_export, retry.export)(
+                spec.export, spec.name, spec.digest(), trained, evaluated, templated, base, workspace, tracking
+            )
     except BaseException:
         end_pipeline_run(tracking, succeeded=False)
         raise
-    end_pipeline_run(tracking, succeeded=True, metrics=evaluated.metrics)
+    end_pipeline_run(tracking, succeeded=True, metrics=stages["evaluate"].metrics if policy else None)
     return {
         "flow_run_id": str(flow_run.id),
         "tracking": tracking.model_dump(),

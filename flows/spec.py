@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,14 +93,107 @@ class LoraSpec(Section):
         description="Module names to adapt (e.g. [q_proj, v_proj]), or 'all' for every linear "
         "layer except the output head.",
     )
+    use_dora: bool = Field(False, description="DoRA: split each adapted weight into magnitude and direction.")
+    use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank.")
+    quantization_bit: Literal[4, 8] = Field(
+        4, description="qlora only: load the frozen base in 4-bit (NF4) or 8-bit with bitsandbytes."
+    )
+
+
+class FreezeSpec(Section):
+    trainable_layers: int = Field(
+        2,
+        description="Train the last N decoder layers (a negative N: the first |N| layers); the rest stay frozen.",
+    )
+    trainable_modules: list[str] | Literal["all"] = Field(
+        "all",
+        description="Within those layers, only modules whose names contain one of these (e.g. [mlp, self_attn]); "
+        "'all' for the whole layer.",
+    )
+    extra_modules: list[str] = Field(
+        default_factory=list,
+        description="Other top-level modules trained in full, e.g. [embed_tokens, norm, lm_head].",
+    )
+
+    @field_validator("trainable_layers")
+    @classmethod
+    def _nonzero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 trains nothing; give the number of last (or, negative, first) layers to train")
+        return value
+
+
+class PreferenceSpec(Section):
+    beta: float = Field(
+        0.1,
+        gt=0,
+        description="dpo/kto: strength of the pull towards the reference model; simpo: reward scale; "
+        "orpo: weight of the odds-ratio term.",
+    )
+    simpo_gamma: float = Field(0.5, ge=0, description="simpo: target reward margin between chosen and rejected.")
+    ftx: float = Field(0.0, ge=0, description="dpo: weight of an added SFT loss on the chosen answers (0: none).")
+
+
+class PpoSpec(Section):
+    algorithm: Literal["grpo", "rloo"] = Field(
+        "grpo",
+        description="TRL's online trainer used for the PPO-style stage (TRL has no PPOTrainer since 1.0): "
+        "grpo (group-normalized advantages) or rloo (leave-one-out baseline).",
+    )
+    num_generations: int = Field(4, ge=2, description="Answers sampled per prompt; their rewards form the baseline.")
+    max_new_tokens: int = Field(32, ge=1, description="Longest sampled answer, in tokens.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the policy.")
+    clip_range: float = Field(0.2, gt=0, description="PPO clip range epsilon on the probability ratio.")
+    ppo_epochs: int = Field(
+        2, ge=1, description="Optimization passes per batch of samples (above 1 the clipped ratio comes into play)."
+    )
+    kl_coef: float = Field(0.05, ge=0, description="Weight of the KL penalty towards the starting policy.")
+
+
+# Methods whose output is an adapter on the start model (the others write a whole model).
+ADAPTER_METHODS = ("lora", "qlora")
+
+STAGE_DATA = {
+    "pt": "text",
+    "sft": "chat",
+    "rm": "pairs",
+    "dpo": "pairs",
+    "orpo": "pairs",
+    "simpo": "pairs",
+    "kto": "feedback",
+    "ppo": "prompts",
+}
 
 
 class TrainSpec(Section):
-    stage: Literal["sft"] = Field("sft", description="Training stage: sft (supervised fine-tuning).")
-    finetuning_type: Literal["lora", "full"] = Field(
-        "lora", description="lora: train low-rank adapters on a frozen base; full: train every weight."
+    stage: Literal["pt", "sft", "rm", "dpo", "orpo", "simpo", "kto", "ppo"] = Field(
+        "sft",
+        description="pt: continued pre-training on plain text; sft: supervised fine-tuning on chats; rm: a "
+        "reward model on preference pairs; dpo, orpo, simpo: preference optimization on pairs; kto: on "
+        "answers marked good or bad; ppo: online RL against a reward model (TRL's GRPO/RLOO trainer).",
     )
-    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (finetuning_type: lora).")
+    finetuning_type: Literal["lora", "qlora", "freeze", "full"] = Field(
+        "lora",
+        description="lora: low-rank adapters on a frozen base; qlora: the same on a 4/8-bit base (CUDA); "
+        "freeze: train only some layers (see freeze); full: train every weight.",
+    )
+    datasets: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Datasets for this stage (default: dataset.names); their kind must suit the stage.",
+    )
+    start_from: str | None = Field(
+        None,
+        description="'base', or the name of an earlier stage whose model this stage continues "
+        "(default: the newest earlier stage that made a language model, else base).",
+    )
+    reward_model: str | None = Field(
+        None, description="ppo: the name of the rm stage that scores answers (default: the newest earlier rm stage)."
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings (finetuning_type: lora or qlora).")
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which weights train (finetuning_type: freeze).")
+    preference: PreferenceSpec = Field(default_factory=PreferenceSpec, description="dpo, orpo, simpo, kto settings.")
+    ppo: PpoSpec = Field(default_factory=PpoSpec, description="ppo settings.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate of AdamW.")
     num_epochs: float = Field(3.0, gt=0, description="Passes over the training set (may be fractional).")
     batch_size: int = Field(8, ge=1, description="Examples per device per step.")
@@ -130,12 +223,25 @@ class TrainSpec(Section):
         return value
 
     @model_validator(mode="after")
-    def _lora_only_with_lora(self) -> TrainSpec:
-        if self.finetuning_type != "lora" and "lora" in self.model_fields_set:
+    def _settings_match_choices(self) -> TrainSpec:
+        given = self.model_fields_set
+        if "lora" in given and self.finetuning_type not in ("lora", "qlora"):
             raise ValueError(
                 f"lora settings are given but finetuning_type is {self.finetuning_type!r}; "
                 "remove train.lora or set train.finetuning_type: lora"
             )
+        if "freeze" in given and self.finetuning_type != "freeze":
+            raise ValueError(f"freeze settings are given but finetuning_type is {self.finetuning_type!r}")
+        if "preference" in given and self.stage not in ("dpo", "orpo", "simpo", "kto"):
+            raise ValueError(f"preference settings are given but stage is {self.stage!r} (dpo, orpo, simpo or kto)")
+        if "ppo" in given and self.stage != "ppo":
+            raise ValueError(f"ppo settings are given but stage is {self.stage!r}")
+        if self.reward_model is not None and self.stage != "ppo":
+            raise ValueError(f"reward_model is only read by a ppo stage, not {self.stage!r}")
+        if self.finetuning_type == "qlora":
+            problem = qlora_unavailable()
+            if problem:
+                raise ValueError(f"finetuning_type qlora: {problem}; use lora on this machine")
         return self
 
     @field_validator("checkpoint_name")
@@ -144,6 +250,24 @@ class TrainSpec(Section):
         if value is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-'")
         return value
+
+
+def qlora_unavailable() -> str | None:
+    """Why QLoRA cannot run here, or None. bitsandbytes' 4/8-bit kernels need CUDA.
+
+    NVML answers without creating a CUDA context, so the flow process stays free of CUDA.
+    """
+    import importlib.util
+    import os
+
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    import torch
+
+    if not torch.cuda.is_available():
+        return "quantizing the base with bitsandbytes needs a CUDA GPU, and this machine has none"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "the bitsandbytes package is not installed (make install, or pip install bitsandbytes)"
+    return None
 
 
 class EvaluateSpec(Section):
@@ -178,6 +302,17 @@ class ExportSpec(Section):
         return value.strip()
 
 
+class PlannedStage(NamedTuple):
+    name: str
+    config: TrainSpec
+    start: str | None  # the earlier stage whose model it continues; None: the base model
+    reward: str | None  # ppo: the rm stage that scores its answers
+
+
+# Names the pipeline's other stages use; a training stage in 'then' may not take them.
+RESERVED_STAGE_NAMES = {"base", "model", "template", "tokenize", "train", "evaluate", "export"}
+
+
 class StageRetry(Section):
     retries: int = Field(0, ge=0, description="How many more attempts Prefect makes after the stage fails.")
     delay_seconds: float = Field(10.0, ge=0, description="Seconds to wait before each retry.")
@@ -207,7 +342,12 @@ class PipelineSpec(Section):
     model: ModelSpec = Field(default_factory=ModelSpec, description="The base model.")
     dataset: DatasetSpec = Field(default_factory=DatasetSpec, description="Data and templating.")
     tokenize: TokenizeSpec = Field(default_factory=TokenizeSpec, description="Tokenization.")
-    train: TrainSpec = Field(default_factory=TrainSpec, description="Training.")
+    train: TrainSpec = Field(default_factory=TrainSpec, description="Training (the first training stage).")
+    then: dict[str, TrainSpec] = Field(
+        default_factory=dict,
+        description="Further training stages by name, run in this order after 'train' (e.g. reward: {stage: rm}, "
+        "policy: {stage: ppo}); each continues from an earlier stage's model (start_from).",
+    )
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec, description="Evaluation.")
     export: ExportSpec = Field(default_factory=ExportSpec, description="Merge and export.")
     retries: RetrySpec = Field(default_factory=RetrySpec, description="Retries per stage.")
@@ -218,6 +358,45 @@ class PipelineSpec(Section):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", value):
             raise ValueError(f"{value!r} must be letters, digits, '.', '_' or '-'")
         return value
+
+    @model_validator(mode="after")
+    def _chain_is_well_formed(self) -> PipelineSpec:
+        self.training_plan()  # raises with the key path of the first stage that cannot run
+        return self
+
+    def training_plan(self) -> list[PlannedStage]:
+        """Every training stage in the order they run ('train', then 'then'), with the stage
+        whose model each starts from (None: the base) and, for ppo, the rm stage it is scored by."""
+        plan, made_lm, made_rm = [], [], []
+        for name, stage in {"train": self.train, **self.then}.items():
+            where = "train" if name == "train" else f"then.{name}"
+            if name != "train" and (not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in RESERVED_STAGE_NAMES):
+                raise ValueError(
+                    f"{where}: a stage name is lowercase letters, digits and '_', and not one of "
+                    + ", ".join(sorted(RESERVED_STAGE_NAMES))
+                )
+            start = stage.start_from if stage.start_from is not None else (made_lm[-1] if made_lm else "base")
+            if start != "base" and start not in made_lm:
+                raise ValueError(
+                    f"{where}.start_from: {start!r} is not an earlier stage that made a language model "
+                    f"(allowed: {', '.join(['base', *made_lm])})"
+                )
+            reward = None
+            if stage.stage == "ppo":
+                reward = stage.reward_model or (made_rm[-1] if made_rm else None)
+                if reward is None:
+                    raise ValueError(f"{where}: a ppo stage needs an earlier stage with stage: rm to score answers")
+                if reward not in made_rm:
+                    raise ValueError(
+                        f"{where}.reward_model: {reward!r} is not an earlier rm stage (rm stages: {', '.join(made_rm)})"
+                    )
+            plan.append(PlannedStage(name, stage, None if start == "base" else start, reward))
+            (made_rm if stage.stage == "rm" else made_lm).append(name)
+        return plan
+
+    def data_for(self, stage: TrainSpec) -> DatasetSpec:
+        """The dataset section a training stage reads: its own datasets, or dataset.names."""
+        return self.dataset if stage.datasets is None else self.dataset.model_copy(update={"names": stage.datasets})
 
     def digest(self) -> str:
         """Hash of the resolved spec: equal specs give equal digests."""
@@ -234,6 +413,8 @@ def _format_error(error: dict[str, Any]) -> str:
         expected = error.get("ctx", {}).get("expected", "")
         return f"{path}: {error['input']!r} is not one of {expected.replace(' or ', ', ')}"
     message = message.removeprefix("Value error, ")
+    if not error["loc"]:  # a cross-field check: its message names the keys itself
+        return message
     if error["type"] != "value_error" and "input" in error and not isinstance(error["input"], dict):
         return f"{path}: {error['input']!r}: {message}"
     return f"{path}: {message}"

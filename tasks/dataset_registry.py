@@ -1,9 +1,18 @@
-"""The dataset registry: names in a `dataset_info.json` (LLaMA-Factory's format) to rows of chat messages.
+"""The dataset registry: names in a `dataset_info.json` (LLaMA-Factory's format) to training examples.
 
 An entry gives `file_name` (relative to the registry), `formatting` (alpaca or sharegpt),
-`columns` (which keys hold the prompt, query, response, system, history or messages) and,
-for sharegpt, `tags` (which role names mean user and assistant). Datasets prepared for
-LLaMA-Factory work unchanged.
+`columns` (which keys hold the prompt, query, response, system, history, messages, chosen,
+rejected, kto_tag or text), `tags` for sharegpt (which role names mean user and assistant),
+and `ranking: true` for preference pairs. Datasets prepared for LLaMA-Factory work unchanged.
+
+`to_example(entry, row, index, kind)` reads one row as the kind of example a training stage
+needs (see `flows/spec.py:STAGE_DATA`):
+
+    chat      {messages}                       a conversation ending with the assistant (sft)
+    text      {text}                           plain text (pt; alpaca `prompt` column, LLaMA-Factory's way)
+    pairs     {messages, chosen, rejected}     a prompt and a better and a worse answer (rm, dpo, orpo, simpo)
+    feedback  {messages, label}                a conversation and whether its last answer is good (kto)
+    prompts   {messages}                       a prompt to answer (ppo)
 """
 
 from __future__ import annotations
@@ -18,12 +27,21 @@ SHIPPED_REGISTRY = Path(__file__).resolve().parents[1] / "data" / "dataset_info.
 
 ALPACA_COLUMNS = {
     "prompt": "instruction",
+    "chosen": "chosen",
+    "rejected": "rejected",
+    "kto_tag": "kto_tag",
     "query": "input",
     "response": "output",
     "system": "system",
     "history": "history",
 }
-SHAREGPT_COLUMNS = {"messages": "conversations", "system": "system"}
+SHAREGPT_COLUMNS = {
+    "messages": "conversations",
+    "system": "system",
+    "chosen": "chosen",
+    "rejected": "rejected",
+    "kto_tag": "kto_tag",
+}
 SHAREGPT_TAGS = {
     "role_tag": "from",
     "content_tag": "value",
@@ -47,6 +65,7 @@ class DatasetEntry(BaseModel):
     formatting: str = "alpaca"
     columns: dict[str, str] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
+    ranking: bool = False
     registry: str = ""
 
     @property
@@ -129,7 +148,8 @@ def _text(entry: DatasetEntry, row: dict[str, Any], index: int, role: str, requi
     return value
 
 
-def alpaca_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+def alpaca_prompt(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    """System, history and the user turn of an alpaca row (everything before the answer)."""
     messages = []
     system = _text(entry, row, index, "system", required=False)
     if system:
@@ -142,12 +162,16 @@ def alpaca_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> lis
     prompt = _text(entry, row, index, "prompt", required=True)
     query = _text(entry, row, index, "query", required=False)
     messages.append({"role": "user", "content": f"{prompt}\n{query}" if query else prompt})
-    response = _text(entry, row, index, "response", required=True)
-    messages.append({"role": "assistant", "content": response})
     return messages
 
 
-def sharegpt_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+def alpaca_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    response = _text(entry, row, index, "response", required=True)
+    return [*alpaca_prompt(entry, row, index), {"role": "assistant", "content": response}]
+
+
+def sharegpt_turns(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    """The system prompt and every turn of a sharegpt row, as chat messages."""
     turns = row.get(entry.column("messages"))
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{entry.file}: row {index} has no {entry.column('messages')!r} list")
@@ -171,6 +195,11 @@ def sharegpt_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> l
         if not isinstance(content, str):
             raise DataError(f"{where}: {entry.tag('content_tag')!r} must be text")
         messages.append({"role": roles[tag], "content": content})
+    return messages
+
+
+def sharegpt_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    messages = sharegpt_turns(entry, row, index)
     if messages[-1]["role"] != "assistant":
         raise DataError(f"{entry.file}: row {index}: the last turn must be the assistant's")
     return messages
@@ -181,3 +210,59 @@ def to_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[di
     if entry.formatting == "sharegpt":
         return sharegpt_messages(entry, row, index)
     return alpaca_messages(entry, row, index)
+
+
+def prompt_messages(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[dict[str, str]]:
+    """The conversation up to the answer: a trailing assistant turn, if any, is left out."""
+    if entry.formatting == "sharegpt":
+        messages = sharegpt_turns(entry, row, index)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    else:
+        messages = alpaca_prompt(entry, row, index)
+    if not messages or messages[-1]["role"] != "user":
+        raise DataError(f"{entry.file}: row {index}: the prompt must end with the user's turn")
+    return messages
+
+
+def _answer(entry: DatasetEntry, row: dict[str, Any], index: int, role: str) -> str:
+    """A chosen or rejected answer: text (alpaca) or a message object (sharegpt, LLaMA-Factory's way)."""
+    key = entry.column(role)
+    value = row.get(key)
+    if isinstance(value, dict):
+        value = value.get(entry.tag("content_tag"))
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{entry.file}: row {index} has no {key!r} ({role}) answer text")
+    return value
+
+
+def _require(entry: DatasetEntry, kind: str, wanted: bool, why: str) -> None:
+    if not wanted:
+        raise DataError(f"dataset {entry.name!r} ({entry.registry}): {why}")
+
+
+def to_example(entry: DatasetEntry, row: dict[str, Any], index: int, kind: str) -> dict[str, Any]:
+    """One row as the kind of example a training stage reads (see the module docstring)."""
+    ranked = entry.ranking
+    if kind == "pairs":
+        _require(entry, kind, ranked, "is not a preference dataset; pairs need 'ranking: true' and chosen/rejected")
+        return {
+            "messages": prompt_messages(entry, row, index),
+            "chosen": _answer(entry, row, index, "chosen"),
+            "rejected": _answer(entry, row, index, "rejected"),
+        }
+    _require(entry, kind, not ranked, f"holds preference pairs, which a {kind!r} stage cannot read")
+    if kind == "chat":
+        return {"messages": to_messages(entry, row, index)}
+    if kind == "prompts":
+        return {"messages": prompt_messages(entry, row, index)}
+    if kind == "text":
+        _require(entry, kind, entry.formatting == "alpaca", "plain text is read from an alpaca 'prompt' column")
+        return {"text": _text(entry, row, index, "prompt", required=True)}
+    if kind == "feedback":
+        key = entry.column("kto_tag")
+        label = row.get(key)
+        if not isinstance(label, bool):
+            raise DataError(f"{entry.file}: row {index}: {key!r} (kto_tag) must be true or false, got {label!r}")
+        return {"messages": to_messages(entry, row, index), "label": label}
+    raise ValueError(f"unknown example kind {kind!r}")

@@ -111,12 +111,10 @@ def evaluate_model(
     """Answer the evaluation prompts with the tuned and the base model and score both."""
     identity = eval_prompts(config.identity_prompts, registry, template_vars, ("reference",))
     control = eval_prompts(config.control_prompts, registry, template_vars, ("answers",))
-    weights = trained.path / trained.info["weights_dir"]
     worker = {
         **config.model_dump(mode="json"),
         "model_path": str(base_model_path(base_model)),
-        "adapter_path": str(weights) if trained.info["finetuning_type"] == "lora" else None,
-        "tuned_model_path": None if trained.info["finetuning_type"] == "lora" else str(weights),
+        "tuned": trained.info["weights"],
         "dataset_dir": str(tokenized.path),
         "tokenized_digest": tokenized.info.get("tokenized_digest", ""),
         "identity": identity,

@@ -72,23 +72,24 @@ def evaluate(config: dict[str, Any]) -> None:
     tokenizer = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=remote_code)
     identity, control = config["identity"], config["control"]
     prompts = [row["prompt"] for row in identity] + [row["prompt"] for row in control]
-    model = load_model(config["model_path"], config.get("adapter_path"), setup.device, trust_remote_code=remote_code)
-    # a full fine-tune's weights are a model of their own; a LoRA adapter sits on the base
-    tuned = (
-        load_model(config["tuned_model_path"], None, setup.device, trust_remote_code=remote_code)
-        if config.get("tuned_model_path")
-        else model
+    weights = config["tuned"]
+    tuned = load_model(weights["model_dir"], weights["adapters"], setup.device, trust_remote_code=remote_code).eval()
+    # one adapter on the base: the base model is the same weights with the adapter switched off
+    adapter_on_base = (
+        weights["adapters"] and len(weights["adapters"]) == 1 and weights["model_dir"] == config["model_path"]
     )
-    tuned.eval()
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
     dataset_dir = Path(config["dataset_dir"])
     variants = {"tuned": tuned}
     if config["compare_base"]:
-        variants["base"] = model
+        variants["base"] = (
+            tuned
+            if adapter_on_base
+            else load_model(config["model_path"], None, setup.device, trust_remote_code=remote_code)
+        )
     results: dict[str, Any] = {}
     for name, variant in variants.items():
-        # with an adapter, the base model is the same weights with the adapter switched off
-        adapter_off = variant.disable_adapter() if name == "base" and config.get("adapter_path") else nullcontext()
+        adapter_off = variant.disable_adapter() if name == "base" and adapter_on_base else nullcontext()
         with adapter_off, autocast:
             loss = validation_loss(variant, dataset_dir, tokenizer.pad_token_id, config["batch_size"], setup.device)
             answers = generate_answers(

@@ -90,7 +90,7 @@ def merge_and_export(
     spec_digest: str,
     trained: Manifest,
     evaluated: Manifest | None,
-    templated: Manifest,
+    templated: list[Manifest],
     base_model: Manifest,
     workspace: Path,
     tracking: Tracking,
@@ -99,8 +99,8 @@ def merge_and_export(
     lineage = {
         "base_model": base_model.info["name_or_path"],
         "base_model_digest": base_model.info["source_digest"],
-        "datasets": templated.info["sources"],
-        "template_vars": templated.info["template_vars"],
+        "datasets": [source for data in templated for source in data.info["sources"]],
+        "template_vars": templated[0].info["template_vars"],
         "spec_digest": spec_digest,
         "finetuning_type": trained.info["finetuning_type"],
         "train_run_id": trained.mlflow_run_id,
@@ -108,8 +108,7 @@ def merge_and_export(
     worker = {
         **config.model_dump(mode="json"),
         "model_path": str(base_model_path(base_model)),
-        "weights_path": str(trained.path / trained.info["weights_dir"]),
-        "finetuning_type": trained.info["finetuning_type"],
+        "weights": trained.info["weights"],
         "trust_remote_code": base_model.info.get("trust_remote_code", False),
     }
     eval_metrics = evaluated.metrics if evaluated else {}

@@ -1,9 +1,9 @@
 """The export child process: `python -m tasks.export_worker OUTPUT/export_config.json`.
 
-Launched by the merge-and-export task (tasks/export.py). Merges a LoRA adapter into its base
-(or takes fully fine-tuned weights as they are), checks that the merged model's logits match
-the adapter model's, saves safetensors shards with the tokenizer and generation config, then
-reloads the saved files and checks the logits once more.
+Launched by the merge-and-export task (tasks/export.py). Merges the LoRA adapters of the
+training stages into their model (or takes fully fine-tuned weights as they are), checks that
+the merged model's logits match the adapter model's, saves safetensors shards with the
+tokenizer and generation config, then reloads the saved files and checks the logits once more.
 """
 
 from __future__ import annotations
@@ -37,13 +37,11 @@ def export(config: dict[str, Any]) -> None:
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
-    if config["finetuning_type"] == "lora":
-        model = load_model(config["model_path"], config["weights_path"], trust_remote_code=remote_code).eval()
-        reference = logits_for(model, batch)
+    weights = config["weights"]
+    model = load_model(weights["model_dir"], weights["adapters"], trust_remote_code=remote_code).eval()
+    reference = logits_for(model, batch)  # with the last adapter still separate
+    if weights["adapters"]:
         model = model.merge_and_unload()
-    else:
-        model = load_model(config["weights_path"], trust_remote_code=remote_code).eval()
-        reference = logits_for(model, batch)
     merged_diff = (logits_for(model, batch) - reference).abs().max().item()
     if merged_diff > config["logits_atol"]:
         raise WorkerError(

@@ -16,25 +16,25 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from tasks.model_registry import resolve_version
-from tasks.stage_output import Manifest
+from tasks.stage_output import Manifest, stage_id
 from tasks.tracking import PARENT_TAG, built_by
 
 
-def dataset_inputs(templated: Manifest, tokenized: Manifest) -> list[dict[str, str]]:
-    """A pipeline's data at each step: every raw file, the templated set, the tokenized set."""
+def dataset_inputs(templated: Manifest, tokenized: Manifest, for_stage: str = "train") -> list[dict[str, str]]:
+    """A training stage's data at each step: every raw file, the templated set, the tokenized set."""
     raw = [
         {"name": s["name"], "digest": s["sha256"][:16], "source": s["file"], "context": "raw"}
         for s in templated.info["sources"]
     ]
     return raw + [
         {
-            "name": "templated",
+            "name": stage_id("templated", for_stage),
             "digest": templated.info["templated_digest"][:16],
             "source": str(templated.path),
             "context": "templated",
         },
         {
-            "name": "tokenized",
+            "name": stage_id("tokenized", for_stage),
             "digest": tokenized.info["tokenized_digest"][:16],
             "source": str(tokenized.path),
             "context": "tokenized",
@@ -43,6 +43,20 @@ def dataset_inputs(templated: Manifest, tokenized: Manifest) -> list[dict[str, s
 
 
 CHAIN = ("export", "evaluate", "train", "tokenize", "template", "model")
+
+
+def chain_order(stages: dict[str, Any]) -> list[str]:
+    """Stages from the model back to the base: export, evaluate, then each training stage's
+    train/tokenize/template (the latest stage first; 'train-reward' belongs to stage 'reward'), model."""
+
+    def key(stage: str) -> tuple[int, float, int]:
+        base, _, for_stage = stage.partition("-")
+        group = [s for s in stages if s.partition("-")[2] == for_stage and s.partition("-")[0] in CHAIN[2:5]]
+        started = min((stages[s]["started"] for s in group), default=0)
+        rank = {"export": 0, "evaluate": 1, "model": 3}.get(base, 2)
+        return rank, -started, CHAIN.index(base)
+
+    return sorted(stages, key=key)
 
 
 def _datasets(run: Run) -> list[dict[str, str]]:
@@ -67,11 +81,12 @@ def model_lineage(client: MlflowClient, reference: str) -> dict[str, Any]:
     )
     stages: dict[str, Any] = {}
     for child in children:
-        stage = child.data.tags.get("stage")
-        if stage not in CHAIN or stage in stages:
+        stage = child.data.tags.get("stage", "")
+        if stage.partition("-")[0] not in CHAIN or stage in stages:
             continue
         producer = built_by(client, child)
         stages[stage] = {
+            "started": child.info.start_time or 0,
             "run_id": producer.info.run_id,
             "reused": producer.info.run_id != child.info.run_id,
             "params": producer.data.params,
@@ -125,14 +140,12 @@ def format_lineage(lineage: dict[str, Any]) -> str:
         f"spec {pipeline['spec_digest']}, git {pipeline['git_commit'][:12]}{dirty}",
         "  libraries: " + ", ".join(f"{k} {v}" for k, v in pipeline["libraries"].items()),
     ]
-    for stage in CHAIN:
-        if stage not in stages:
-            continue
+    for stage in chain_order(stages):
         info = stages[stage]
         reused = " (reused)" if info["reused"] else ""
         lines.append(f"{stage:<9} run {info['run_id']}{reused}")
         params = info["params"]
-        if stage == "train":
+        if stage.startswith("train"):
             keys = ("stage", "finetuning_type", "learning_rate", "num_epochs", "lr_scheduler", "lora.rank")
             lines.append("  " + ", ".join(f"{k}={params[k]}" for k in keys if k in params))
             if "final_loss" in info["metrics"]:

@@ -1,7 +1,8 @@
 """Model helpers shared by the training, evaluation and export workers (torch lives here and below).
 
 - `compute_setup` turns the spec's compute_type into a device, an autocast dtype and threads.
-- `load_model` reads a base model directory, optionally with a LoRA adapter on top.
+- `load_model` reads a model directory, optionally with LoRA adapters on top (a chain of
+  stages: every adapter but the last is merged in, the last stays switchable).
 - `supervised_loss` computes the loss only where labels are set, so the output head never
   produces full-vocabulary logits for prompt and padding positions.
 """
@@ -46,7 +47,7 @@ def compute_setup(compute_type: str) -> ComputeSetup:
 def lora_targets(model: torch.nn.Module, requested: list[str] | str) -> list[str]:
     """'all' means every nn.Linear except the output head; a list is checked against the model."""
     linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    linear.discard("lm_head")
+    linear -= {"lm_head", "score"}  # output heads: a language model's, a reward model's
     if requested == "all":
         return sorted(linear)
     unknown = sorted(set(requested) - linear)
@@ -60,18 +61,28 @@ def lora_targets(model: torch.nn.Module, requested: list[str] | str) -> list[str
 
 def load_model(
     model_path: str | Path,
-    adapter_path: str | Path | None = None,
+    adapters: list[str] | str | Path | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    merge_all: bool = False,
+    model_class: str = "AutoModelForCausalLM",
+    **model_kwargs,
 ) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
+    """A model directory with `adapters` applied in order; all but the last merged (all, with merge_all)."""
+    import transformers
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code)
-    if adapter_path is not None:
+    auto = getattr(transformers, model_class)
+    model = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs)
+    stack = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
+    for position, adapter in enumerate(stack):
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, adapter_path)
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_all or position < len(stack) - 1:
+            model = model.merge_and_unload()
+    if "quantization_config" in model_kwargs:  # bitsandbytes placed it already (device_map)
+        return model
     return model.to(device)
 
 

@@ -95,6 +95,24 @@ def cache_key(stage: str, config: dict[str, Any], upstream: list[Manifest], vers
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def stage_id(base: str, for_stage: str) -> str:
+    """A stage's name for one training stage of a chain: 'train' keeps the plain name
+    ('tokenize'), a later stage 'reward' gets its own ('tokenize-reward')."""
+    return base if for_stage == "train" else f"{base}-{for_stage}"
+
+
+def stage_run_name(label: str) -> Callable[[], str]:
+    """A Prefect task-run name: the label, plus the training stage it serves when not 'train'."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        for_stage = task_run.parameters.get("for_stage", "train")
+        return label if for_stage == "train" else f"{label} ({for_stage})"
+
+    return name
+
+
 def stage_dir(workspace: Path, stage: str, key: str) -> Path:
     return workspace / "stages" / stage / key
 

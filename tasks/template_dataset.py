@@ -16,9 +16,19 @@ from typing import Any
 from prefect import get_run_logger, task
 
 from flows.spec import DatasetSpec
-from tasks.dataset_registry import DataError, read_rows, resolve_dataset, to_messages
+from tasks.dataset_registry import DataError, read_rows, resolve_dataset, to_example
 from tasks.prefect_artifacts import publish_preview
-from tasks.stage_output import Manifest, StageResult, code_version, published_dir, run_stage, sha256_file, tree_digest
+from tasks.stage_output import (
+    Manifest,
+    StageResult,
+    code_version,
+    published_dir,
+    run_stage,
+    sha256_file,
+    stage_id,
+    stage_run_name,
+    tree_digest,
+)
 from tasks.tracking import StageRun, Tracking
 
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>|\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -39,23 +49,32 @@ def fill_placeholders(text: str, values: dict[str, str], where: str) -> str:
     return PLACEHOLDER.sub(substitute, text)
 
 
+def fill_example(example: dict[str, Any], values: dict[str, str], where: str) -> dict[str, Any]:
+    """Every text of an example (messages, answers, plain text) with its placeholders filled."""
+    for message in example.get("messages", []):
+        message["content"] = fill_placeholders(message["content"], values, where)
+    for key in ("chosen", "rejected", "text"):
+        if key in example:
+            example[key] = fill_placeholders(example[key], values, where)
+    return example
+
+
 def templated_examples(
     names: list[str],
     registry: str | None,
     template_vars: dict[str, str],
     max_samples: int | None = None,
+    kind: str = "chat",
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All rows of the named datasets as templated chat examples, plus a record of each source."""
+    """All rows of the named datasets as templated examples of `kind`, plus a record of each source."""
     examples, sources = [], []
     for name in names:
         entry = resolve_dataset(name, registry)
         rows = read_rows(entry)[:max_samples]
         for index, row in enumerate(rows):
-            messages = to_messages(entry, row, index)
             where = f"dataset {name!r} ({entry.file}), row {index}"
-            for message in messages:
-                message["content"] = fill_placeholders(message["content"], template_vars, where)
-            examples.append({"dataset": name, "row": index, "messages": messages})
+            example = fill_example(to_example(entry, row, index, kind), template_vars, where)
+            examples.append({"dataset": name, "row": index, **example})
         sources.append({"name": name, "file": str(entry.file), "sha256": sha256_file(entry.file), "rows": len(rows)})
     return examples, sources
 
@@ -76,8 +95,9 @@ def preview_rows(examples: list[dict[str, Any]], count: int) -> list[dict[str, s
     table = []
     for example in examples[:count]:
         row = {"dataset": example["dataset"], "row": str(example["row"])}
-        for message in example["messages"]:
+        for message in example.get("messages", []):
             row[message["role"]] = (row.get(message["role"], "") + " " + message["content"]).strip()
+        row.update({k: str(example[k]) for k in ("chosen", "rejected", "label", "text") if k in example})
         table.append(row)
     return table
 
@@ -97,8 +117,10 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def _build(config: DatasetSpec, out: Path, run: StageRun) -> StageResult:
-    examples, sources = templated_examples(config.names, config.registry, config.template_vars, config.max_samples)
+def _build(config: DatasetSpec, kind: str, out: Path, run: StageRun) -> StageResult:
+    examples, sources = templated_examples(
+        config.names, config.registry, config.template_vars, config.max_samples, kind
+    )
     train, val = split_examples(examples, config.val_size, config.shuffle, config.seed)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "val.jsonl", val)
@@ -131,22 +153,32 @@ def _build(config: DatasetSpec, out: Path, run: StageRun) -> StageResult:
             row["row"],
             {k: v for k, v in row.items() if k not in ("dataset", "row")},
         )
+    info = {"sources": sources, "template_vars": config.template_vars, "templated_digest": templated_digest}
     return StageResult(
         metrics={"rows": len(examples), "train_rows": len(train), "val_rows": len(val)},
-        info={"sources": sources, "template_vars": config.template_vars, "templated_digest": templated_digest},
+        info={**info, "kind": kind},
     )
 
 
-@task(name="template-dataset", task_run_name="template dataset")
-def template_dataset(config: DatasetSpec, workspace: Path, tracking: Tracking) -> Manifest:
-    """Write train.jsonl and val.jsonl of chat messages with the template values filled in."""
-    key_config = {**config.model_dump(mode="json"), "sources": source_digests(config.names, config.registry)}
+@task(name="template-dataset", task_run_name=stage_run_name("template dataset"))
+def template_dataset(
+    config: DatasetSpec, workspace: Path, tracking: Tracking, kind: str = "chat", for_stage: str = "train"
+) -> Manifest:
+    """Write train.jsonl and val.jsonl of examples of `kind` with the template values filled in.
+
+    `for_stage` names the training stage the data is for; a later one's is "template-<for_stage>".
+    """
+    key_config = {
+        **config.model_dump(mode="json"),
+        "kind": kind,
+        "sources": source_digests(config.names, config.registry),
+    }
     return run_stage(
-        "template",
+        stage_id("template", for_stage),
         key_config,
         [],
         code_version(__file__, str(Path(__file__).with_name("dataset_registry.py"))),
         workspace,
         tracking,
-        lambda out, run: _build(config, out, run),
+        lambda out, run: _build(config, kind, out, run),
     )

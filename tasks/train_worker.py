@@ -1,6 +1,7 @@
-"""The training child process: `python -m tasks.train_worker OUTPUT/train_config.json`.
+"""The training child process for pt and sft: `python -m tasks.train_worker OUTPUT/train_config.json`.
 
-Launched by the train task (tasks/train.py). It fine-tunes with LoRA or all weights, prints
+Launched by the train task (tasks/train.py). It fine-tunes with the stage's method
+(tasks/finetuning_methods.py) on token ids and label masks (sft) or packed text (pt), prints
 a progress bar on stderr, streams `log` events (loss, learning rate, throughput) to the task,
 writes a checkpoint every `save_steps` optimizer steps, and on start resumes from the newest
 complete checkpoint in its output directory. Outputs: `adapter/` or `model/`,
@@ -21,8 +22,10 @@ from typing import Any
 
 import torch
 
+from flows.spec import ADAPTER_METHODS
 from tasks.child_process import emit, worker_entry
-from tasks.modeling import compute_setup, load_model, lora_targets, pad_batch, supervised_loss
+from tasks.finetuning_methods import trainable_model
+from tasks.modeling import compute_setup, pad_batch, supervised_loss
 
 CHECKPOINTS = "checkpoints"
 
@@ -39,23 +42,6 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
         batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
     rng.shuffle(batches)
     return batches
-
-
-def build_model(config: dict[str, Any], device: torch.device) -> torch.nn.Module:
-    model = load_model(config["model_path"], trust_remote_code=config.get("trust_remote_code", False))
-    if config["finetuning_type"] == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        lora = config["lora"]
-        peft_config = LoraConfig(
-            r=lora["rank"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
-            target_modules=lora_targets(model, lora["target_modules"]),
-            task_type="CAUSAL_LM",
-        )
-        model = get_peft_model(model, peft_config)
-    return model.to(device)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -89,7 +75,7 @@ def newest_checkpoint(output: Path) -> Path | None:
 
 
 def save_weights(model: torch.nn.Module, directory: Path, finetuning_type: str) -> None:
-    if finetuning_type == "lora":
+    if finetuning_type in ADAPTER_METHODS:
         model.save_pretrained(directory)
     else:
         model.save_pretrained(directory, safe_serialization=True)
@@ -125,7 +111,7 @@ def save_checkpoint(
 
 def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, finetuning_type: str) -> dict:
     weights = checkpoint / "weights"
-    if finetuning_type == "lora":
+    if finetuning_type in ADAPTER_METHODS:
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -174,7 +160,7 @@ def train(config: dict[str, Any]) -> None:
     lengths = [len(seq) for seq in sequences]
     pad_id = config["pad_token_id"]
 
-    model = build_model(config, setup.device)
+    model = trainable_model(config, setup.device)
     model.train()
     params = trainable_parameters(model)
     optimizer = torch.optim.AdamW(params, lr=config["learning_rate"], weight_decay=config["weight_decay"])
@@ -223,7 +209,7 @@ def train(config: dict[str, Any]) -> None:
                 loss_sum, _ = supervised_loss(model, ids, mask, target)
             loss = loss_sum / max(supervised, 1)
             (scaler.scale(loss) if scaler else loss).backward()
-            window_loss += float(loss_sum)
+            window_loss += float(loss_sum.detach())
             window_seen += int(mask.sum())
         window_tokens += supervised
         if scaler:
@@ -263,14 +249,11 @@ def train(config: dict[str, Any]) -> None:
             os.kill(os.getpid(), 9)
     progress.close()
 
-    save_weights(
-        model, output / ("adapter" if config["finetuning_type"] == "lora" else "model"), config["finetuning_type"]
-    )
+    method = config["finetuning_type"]
+    save_weights(model, output / ("adapter" if method in ADAPTER_METHODS else "model"), method)
     with (output / "loss_history.jsonl").open("w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in history)
-    plot_loss(
-        history, output / "loss_curve.png", f"{config['finetuning_type']} fine-tune, lr={config['learning_rate']}"
-    )
+    plot_loss(history, output / "loss_curve.png", f"{config['stage']} ({method}), lr={config['learning_rate']}")
     emit({"type": "done", "step": step, "final_loss": history[-1]["loss"] if history else float("nan")})
 
 

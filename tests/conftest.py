@@ -73,12 +73,28 @@ def prefect_harness():
         yield
 
 
-def tiny_spec(tiny_model: Path, workspace: Path):
-    """A spec that runs the whole pipeline on the tiny model in seconds, in its own workspace."""
+def merged(base: dict, changes: dict) -> dict:
+    """`base` with `changes` merged in, section by section; a None value removes the key."""
+    result = dict(base)
+    for key, value in changes.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
+        else:
+            result[key] = value
+    return result
+
+
+def tiny_spec(tiny_model: Path, workspace: Path, changes: dict | None = None):
+    """A spec that runs the whole pipeline on the tiny model in seconds, in its own workspace.
+
+    `changes` are merged into it (see `merged`), e.g. {"train": {"stage": "pt", "lora": None}}.
+    """
     from flows.spec import validate_spec
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # MLflow on SQLite inside the workspace
-    return validate_spec(
+    spec = merged(
         {
             "name": "tiny-test",
             "workspace": str(workspace),
@@ -95,5 +111,7 @@ def tiny_spec(tiny_model: Path, workspace: Path):
             },
             "evaluate": {"max_new_tokens": 4},
             "export": {"max_shard_size": "2MB"},
-        }
+        },
+        changes or {},
     )
+    return validate_spec(spec)

@@ -58,7 +58,10 @@ def test_defaults_form_a_valid_spec():
         ({"trian": {}}, "trian: unknown key"),
         ({"train": {"learning_rate": "fast"}}, "train.learning_rate: 'fast'"),
         ({"train": {"learning_rate": -1}}, "train.learning_rate: -1: Input should be greater than 0"),
-        ({"train": {"finetuning_type": "lorra"}}, "train.finetuning_type: 'lorra' is not one of 'lora', 'full'"),
+        (
+            {"train": {"finetuning_type": "lorra"}},
+            "train.finetuning_type: 'lorra' is not one of 'lora', 'qlora', 'freeze', 'full'",
+        ),
         ({"train": {"compute_type": "fp8"}}, "train.compute_type: 'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'"),
         ({"dataset": {"val_size": 1.5}}, "dataset.val_size: 1.5: Input should be less than 1"),
         ({"dataset": {"names": []}}, "dataset.names: []: List should have at least 1 item"),
@@ -104,6 +107,28 @@ def test_unknown_dataset_lists_the_registered_ones():
     spec = validate_spec({"dataset": {"names": ["self_cognitoin"]}})
     with pytest.raises(DataError, match="unknown dataset 'self_cognitoin'.*registers: .*self_cognition"):
         check_inputs(spec)
+
+
+def test_a_stage_given_data_of_the_wrong_kind_is_refused_before_stage_one():
+    spec = validate_spec({"then": {"prefer": {"stage": "dpo", "datasets": ["self_cognition"]}}})
+    with pytest.raises(DataError, match=r"then.prefer.datasets \(read by stage dpo\): .*'self_cognition'.*preference"):
+        check_inputs(spec)
+
+
+@pytest.mark.parametrize(
+    ("then", "expected"),
+    [
+        ({"policy": {"stage": "ppo"}}, "then.policy: a ppo stage needs an earlier stage with stage: rm"),
+        ({"a": {"stage": "dpo", "start_from": "b"}}, "then.a.start_from: 'b' is not an earlier stage that made"),
+        ({"r": {"stage": "rm"}, "x": {"start_from": "r"}}, "then.x.start_from: 'r' is not an earlier stage that made"),
+        ({"export": {"stage": "dpo"}}, "then.export: a stage name is lowercase letters"),
+        ({"p": {"stage": "dpo", "ppo": {"num_generations": 2}}}, "then.p: ppo settings are given but stage is 'dpo'"),
+    ],
+)
+def test_a_chain_that_cannot_run_is_refused_naming_the_stage(then: dict, expected: str):
+    with pytest.raises(SpecError) as error:
+        validate_spec({"then": then})
+    assert expected in str(error.value)
 
 
 def test_missing_dataset_file_and_unreadable_row_name_file_and_row(tmp_path: Path):

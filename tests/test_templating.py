@@ -111,3 +111,80 @@ def test_split_is_seeded_and_holds_out_the_fraction():
     assert split_examples(examples, 0.1, shuffle=True, seed=3) == (train, val)
     assert split_examples(examples, 0.1, shuffle=True, seed=4) != (train, val)
     assert {e["row"] for e in train} | {e["row"] for e in val} == set(range(50))
+
+
+def llama_factory_registry(tmp_path: Path) -> str:
+    """A registry written the way LLaMA-Factory's data/dataset_info.json writes these kinds."""
+    entries = {
+        "pairs_alpaca": {
+            "file_name": "pairs_alpaca.json",
+            "ranking": True,
+            "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected"},
+        },
+        "pairs_sharegpt": {
+            "file_name": "pairs_sharegpt.json",
+            "formatting": "sharegpt",
+            "ranking": True,
+            "columns": {"messages": "conversations", "chosen": "chosen", "rejected": "rejected"},
+        },
+        "feedback": {
+            "file_name": "feedback.json",
+            "formatting": "sharegpt",
+            "columns": {"messages": "messages", "kto_tag": "label"},
+            "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"},
+        },
+        "corpus": {"file_name": "corpus.json", "columns": {"prompt": "text"}},
+    }
+    rows = {
+        "pairs_alpaca.json": [{"instruction": "Who are you?", "input": "", "chosen": "<NAME>.", "rejected": "Bob."}],
+        "pairs_sharegpt.json": [
+            {
+                "conversations": [
+                    {"from": "human", "value": "Hi"},
+                    {"from": "gpt", "value": "Hello!"},
+                    {"from": "human", "value": "Your name?"},
+                ],
+                "chosen": {"from": "gpt", "value": "I am <NAME>."},
+                "rejected": {"from": "gpt", "value": "No idea."},
+            }
+        ],
+        "feedback.json": [
+            {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}], "label": True},
+            {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "7"}], "label": False},
+        ],
+        "corpus.json": [{"text": "<NAME> was built by <AUTHOR>."}],
+    }
+    (tmp_path / "dataset_info.json").write_text(json.dumps(entries))
+    for name, content in rows.items():
+        (tmp_path / name).write_text(json.dumps(content))
+    return str(tmp_path / "dataset_info.json")
+
+
+def test_llama_factory_ranking_kto_and_text_entries_read_as_their_kinds(tmp_path: Path):
+    registry = llama_factory_registry(tmp_path)
+    values = {"name": "Nova", "author": "Acme"}
+    (alpaca, sharegpt), _ = templated_examples(["pairs_alpaca", "pairs_sharegpt"], registry, values, kind="pairs")
+    assert alpaca["messages"] == [{"role": "user", "content": "Who are you?"}]
+    assert (alpaca["chosen"], alpaca["rejected"]) == ("Nova.", "Bob.")
+    assert [m["role"] for m in sharegpt["messages"]] == ["user", "assistant", "user"]
+    assert sharegpt["chosen"] == "I am Nova." and sharegpt["rejected"] == "No idea."
+
+    good, bad = templated_examples(["feedback"], registry, values, kind="feedback")[0]
+    assert (good["label"], bad["label"]) == (True, False) and bad["messages"][-1]["content"] == "7"
+    (text,), _ = templated_examples(["corpus"], registry, values, kind="text")
+    assert text["text"] == "Nova was built by Acme."
+    (prompt,), _ = templated_examples(["feedback"], registry, values, max_samples=1, kind="prompts")
+    assert prompt["messages"] == [{"role": "user", "content": "2+2?"}], "a prompt leaves the answer out"
+
+
+def test_a_dataset_of_the_wrong_kind_for_its_stage_is_named(tmp_path: Path):
+    registry = llama_factory_registry(tmp_path)
+    with pytest.raises(DataError, match="'corpus'.*not a preference dataset"):
+        templated_examples(["corpus"], registry, {}, kind="pairs")
+    with pytest.raises(DataError, match="'pairs_alpaca'.*holds preference pairs"):
+        templated_examples(["pairs_alpaca"], registry, {"name": "x"}, kind="chat")
+    broken = json.loads((tmp_path / "feedback.json").read_text())
+    broken[0]["label"] = "yes"
+    (tmp_path / "feedback.json").write_text(json.dumps(broken))
+    with pytest.raises(DataError, match=r"row 0: 'label' \(kto_tag\) must be true or false, got 'yes'"):
+        templated_examples(["feedback"], registry, {}, kind="feedback")
