@@ -28,7 +28,7 @@ from tasks.materialize_model import materialize_base_model
 from tasks.stage_output import Manifest, stage_id
 from tasks.template_dataset import template_dataset
 from tasks.tokenize_dataset import tokenize_dataset
-from tasks.tracking import end_pipeline_run, log_pipeline_datasets, start_pipeline_run, tag_pipeline_run
+from tasks.tracking import Tracking, end_pipeline_run, log_pipeline_datasets, start_pipeline_run, tag_pipeline_run
 from tasks.train import train_model
 
 
@@ -36,7 +36,9 @@ def retrying(stage: Task, retry: StageRetry) -> Task:
     return stage.with_options(retries=retry.retries, retry_delay_seconds=retry.delay_seconds)
 
 
-def train_chain(spec: PipelineSpec, base: Manifest, workspace: Path, tracking, stages: dict[str, Manifest]) -> str:
+def train_chain(
+    spec: PipelineSpec, base: Manifest, workspace: Path, tracking: Tracking, stages: dict[str, Manifest]
+) -> str:
     """Template, tokenize and train each training stage in order; the name of the last that made a language model."""
     retry, policy = spec.retries, ""
     for plan in spec.training_plan():

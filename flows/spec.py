@@ -224,17 +224,21 @@ class TrainSpec(Section):
 
     @model_validator(mode="after")
     def _settings_match_choices(self) -> TrainSpec:
-        given = self.model_fields_set
-        if "lora" in given and self.finetuning_type not in ("lora", "qlora"):
+        # Settings that differ from their defaults must be read by the chosen stage and method;
+        # a whole spec dumped with its defaults (as the Prefect UI's form sends it) stays valid.
+        def changed(section: str) -> bool:
+            return section in self.model_fields_set and getattr(self, section) != type(getattr(self, section))()
+
+        if changed("lora") and self.finetuning_type not in ADAPTER_METHODS:
             raise ValueError(
                 f"lora settings are given but finetuning_type is {self.finetuning_type!r}; "
                 "remove train.lora or set train.finetuning_type: lora"
             )
-        if "freeze" in given and self.finetuning_type != "freeze":
+        if changed("freeze") and self.finetuning_type != "freeze":
             raise ValueError(f"freeze settings are given but finetuning_type is {self.finetuning_type!r}")
-        if "preference" in given and self.stage not in ("dpo", "orpo", "simpo", "kto"):
+        if changed("preference") and self.stage not in ("dpo", "orpo", "simpo", "kto"):
             raise ValueError(f"preference settings are given but stage is {self.stage!r} (dpo, orpo, simpo or kto)")
-        if "ppo" in given and self.stage != "ppo":
+        if changed("ppo") and self.stage != "ppo":
             raise ValueError(f"ppo settings are given but stage is {self.stage!r}")
         if self.reward_model is not None and self.stage != "ppo":
             raise ValueError(f"reward_model is only read by a ppo stage, not {self.stage!r}")

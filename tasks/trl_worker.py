@@ -184,10 +184,12 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
             with (saved / "loss_history.jsonl").open("w") as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in history)
             emit({"type": "checkpoint", "step": state.global_step})
+            if kill_at and state.global_step == kill_at:  # fault injection: die right after this checkpoint
+                os.kill(os.getpid(), 9)
 
         def on_step_end(self, args, state, control, **kwargs):
-            if kill_at and state.global_step == kill_at:  # fault injection for the crash-resume tests
-                os.kill(os.getpid(), 9)
+            if kill_at and state.global_step == kill_at:
+                control.should_save = True  # so the injected fault comes after a checkpoint, as in train_worker
 
     return Events()
 

@@ -158,3 +158,18 @@ def test_cli_reports_a_bad_spec_without_traceback_and_runs_no_stage(tmp_path: Pa
     err = capsys.readouterr().err
     assert "placeholder <AUTHOR> has no value; set dataset.template_vars.author" in err
     assert not workspace.exists()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"train": {"finetuning_type": "full"}},
+        {"train": {"finetuning_type": "freeze", "freeze": {"trainable_layers": 4}}},
+        {"train": {"stage": "pt"}, "then": {"r": {"stage": "rm"}, "p": {"stage": "ppo", "ppo": {"kl_coef": 0.1}}}},
+    ],
+    ids=["full", "freeze", "pt-rm-ppo"],
+)
+def test_a_spec_dumped_with_every_default_validates_again(data: dict):
+    """The Prefect UI's form and a deployment send every key, defaults included."""
+    spec = validate_spec(data)
+    assert validate_spec(spec.model_dump(mode="json")) == spec

@@ -342,3 +342,26 @@ def test_qlora_sft_trains_adapters_on_a_4bit_base(prefect_harness, tiny_model: P
     assert train["info"]["trainable_params"] < train["info"]["total_params"] / 10
     assert logged(result, "train", "loss")
     assert stage_runs(result)["train"].data.params["finetuning_type"] == "qlora"
+
+
+def test_dpo_stage_killed_mid_training_resumes_from_trl_checkpoint(prefect_harness, tiny_model, tmp_path, monkeypatch):
+    changes = {
+        "dataset": {"names": ["identity_preference"]},
+        "train": {"stage": "dpo", **SHORT, "num_epochs": 2, "save_steps": 2},
+        "retries": {"train": {"retries": 1, "delay_seconds": 0}},
+        "evaluate": {"compare_base": False},
+    }
+    spec = tiny_spec(tiny_model, tmp_path / "workspace", changes)
+    monkeypatch.setenv("TUNEFACTORY_FAULT_KILL_AT_STEP", "4")  # the TRL worker SIGKILLs itself after step 4
+
+    result = finetune(spec)
+
+    train = result["stages"]["train"]
+    assert train["info"]["resumed_from_step"] == 4
+    steps = int(train["metrics"]["steps"])
+    assert steps == 6, "2 epochs of 11 pairs in batches of 4"
+    client = MlflowClient(result["tracking"]["uri"])
+    assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
+    history = [json.loads(line) for line in (Path(train["output_dir"]) / "loss_history.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in history] == list(range(1, steps + 1)), "one curve across the restart"
+    trained_lora(Path(train["output_dir"]) / "adapter")
