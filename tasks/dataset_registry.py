@@ -236,7 +236,7 @@ def _answer(entry: DatasetEntry, row: dict[str, Any], index: int, role: str) -> 
     return value
 
 
-def _require(entry: DatasetEntry, kind: str, wanted: bool, why: str) -> None:
+def _require(entry: DatasetEntry, wanted: bool, why: str) -> None:
     if not wanted:
         raise DataError(f"dataset {entry.name!r} ({entry.registry}): {why}")
 
@@ -245,19 +245,19 @@ def to_example(entry: DatasetEntry, row: dict[str, Any], index: int, kind: str) 
     """One row as the kind of example a training stage reads (see the module docstring)."""
     ranked = entry.ranking
     if kind == "pairs":
-        _require(entry, kind, ranked, "is not a preference dataset; pairs need 'ranking: true' and chosen/rejected")
+        _require(entry, ranked, "is not a preference dataset; pairs need 'ranking: true' and chosen/rejected")
         return {
             "messages": prompt_messages(entry, row, index),
             "chosen": _answer(entry, row, index, "chosen"),
             "rejected": _answer(entry, row, index, "rejected"),
         }
-    _require(entry, kind, not ranked, f"holds preference pairs, which a {kind!r} stage cannot read")
+    _require(entry, not ranked, f"holds preference pairs, which a {kind!r} stage cannot read")
     if kind == "chat":
         return {"messages": to_messages(entry, row, index)}
     if kind == "prompts":
         return {"messages": prompt_messages(entry, row, index)}
     if kind == "text":
-        _require(entry, kind, entry.formatting == "alpaca", "plain text is read from an alpaca 'prompt' column")
+        _require(entry, entry.formatting == "alpaca", "plain text is read from an alpaca 'prompt' column")
         return {"text": _text(entry, row, index, "prompt", required=True)}
     if kind == "feedback":
         key = entry.column("kto_tag")
