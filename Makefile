@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= deployments/self_cognition.yaml
 WORKSPACE ?= workspace
 
-.PHONY: install chromium demo test test-fast lint format ui ui-stop clean
+.PHONY: install chromium demo test test-fast bench lint format ui ui-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,11 @@ test: install chromium
 
 test-fast: install
 	$(VENV)/bin/pytest -m "not gpu and not slow"
+
+# tunefactory's train stage against TRL's SFTTrainer at its defaults (tasks/bench_train.py): the CPU case
+# (about 25 minutes on 2 cores), or the two GPU cases where CUDA is present
+bench: install
+	$(VENV)/bin/python -m tasks.bench_train --root $(WORKSPACE)/bench
 
 lint: install
 	$(VENV)/bin/ruff check .

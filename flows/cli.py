@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -57,10 +58,25 @@ def user_errors() -> tuple[type[Exception], ...]:
     from tasks.child_process import WorkerError
     from tasks.compare_runs import CompareError
     from tasks.dataset_registry import DataError
+    from tasks.local_servers import ServerError
     from tasks.materialize_model import ModelSourceError
     from tasks.model_registry import RegistryError
 
-    return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError
+    return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError
+
+
+def connect_prefect(spec: PipelineSpec):
+    """The servers of `make ui` if they run; else Prefect's temporary server, launched now so
+    that it boots while the command loads (call `wait_until_up` on it before the flow starts)."""
+    from tasks.local_servers import TemporaryPrefectServer
+
+    report_to_running_servers(spec)
+    if os.environ.get("PREFECT_API_URL"):
+        return None
+    server = TemporaryPrefectServer()
+    os.environ["PREFECT_API_URL"] = server.api_url
+    os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" link to a page that is not there
+    return server
 
 
 def report_to_running_servers(spec: PipelineSpec) -> None:
@@ -83,7 +99,7 @@ def table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def summary(result: dict[str, Any]) -> str:
+def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
     """The end-of-run report: stages, evaluation before and after, where the model and runs are."""
     stages = result["stages"]
     rows = [
@@ -114,7 +130,7 @@ def summary(result: dict[str, Any]) -> str:
     else:
         parts.append(f"  {uri}/#/experiments/{tracking['experiment_id']}/runs/{tracking['parent_run_id']}")
     flow_run_id = result.get("flow_run_id", "")
-    if os.environ.get("PREFECT_API_URL"):
+    if os.environ.get("PREFECT_API_URL") and not temporary_prefect:
         ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
         parts.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
     else:
@@ -127,10 +143,15 @@ def summary(result: dict[str, Any]) -> str:
 
 def command_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
-    report_to_running_servers(spec)
+    server = connect_prefect(spec)
     check_inputs(spec)
     from flows.pipeline import finetune
 
+    if server:
+        from tasks.tracking import preload_store
+
+        preload_store(Path(spec.workspace))
+        server.wait_until_up()
     state = finetune(spec, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
@@ -144,8 +165,23 @@ def command_run(args: argparse.Namespace) -> int:
         )
         return 1
     print()
-    print(summary(state.result()))
+    print(summary(state.result(), temporary_prefect=server is not None))
+    print(time_report())
     return 0
+
+
+def time_report() -> str:
+    """Wall time since this process started, split into model compute and orchestration."""
+    import psutil
+
+    from tasks.child_process import model_compute_seconds
+
+    wall = time.time() - psutil.Process().create_time()
+    compute = model_compute_seconds()
+    return (
+        f"Time: {wall:.1f}s in all; model compute {compute:.1f}s (training, evaluation and export workers, "
+        f"model conversion); orchestration {wall - compute:.1f}s (start-up, Prefect, MLflow, stage bookkeeping)"
+    )
 
 
 def command_serve(args: argparse.Namespace) -> int:
@@ -216,10 +252,16 @@ def command_sweep(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.set)
     grid = parse_grid(args.grid)
     variants = expand_grid(spec, grid)  # every variant validated before anything runs
-    report_to_running_servers(spec)
+    server = connect_prefect(spec)
     check_inputs(spec)
     print(f"tunefactory: {len(variants)} variants: " + "; ".join(label for label, _ in variants))
     from flows.sweep import sweep
+
+    if server:
+        from tasks.tracking import preload_store
+
+        preload_store(Path(spec.workspace))
+        server.wait_until_up()
 
     state = sweep(spec, grid, return_state=True)
     if not state.is_completed():

@@ -203,7 +203,22 @@ class TrainSpec(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
     compute_type: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 on a CUDA GPU that supports it, fp32 otherwise."
+        "auto",
+        description="auto: bf16 on a CUDA GPU that supports it, or on a CPU with bf16 instructions "
+        "(AVX512-BF16, AMX); fp32 otherwise.",
+    )
+    packing: bool | None = Field(
+        None,
+        description="pt/sft: concatenate a step's examples into shared rows, each example with its own "
+        "position ids and attention, so no compute goes to padding. Default: on where FlashAttention 2 is "
+        "installed (it attends within each example at no extra cost); otherwise off: batches of similar "
+        "lengths waste little padding, and a block mask over shared rows would cost more attention than it saves.",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, about a third more compute."
+    )
+    torch_compile: bool | None = Field(
+        None, description="pt/sft: compile each decoder layer with torch.compile. Default: on with a CUDA GPU."
     )
     seed: int = Field(42, description="Seed for initialization, dropout and data order.")
     logging_steps: int = Field(5, ge=1, description="Log loss and learning rate every N optimizer steps.")

@@ -16,12 +16,34 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 EVENT_PREFIX = "@@tunefactory "
 PR_SET_PDEATHSIG = 1
+
+
+_compute_seconds = [0.0]
+_compute_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_compute():
+    """Count the time inside as model compute, which the run's report separates from orchestration."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        with _compute_lock:
+            _compute_seconds[0] += time.perf_counter() - start
+
+
+def model_compute_seconds() -> float:
+    """Model compute so far in this process: worker processes and model conversion."""
+    return _compute_seconds[0]
 
 
 class WorkerError(RuntimeError):
@@ -33,7 +55,7 @@ def emit(event: dict[str, Any]) -> None:
     print(EVENT_PREFIX + json.dumps(event), flush=True)
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: ask Linux to SIGKILL it when the launching thread dies.
 
     Without this, a flow process that is killed outright (kill -9, an out-of-memory kill, a
@@ -66,13 +88,20 @@ def run_worker(
 ) -> None:
     """Run `python -m module config_path` to completion, handing its events to `on_event`."""
     config_path.write_text(json.dumps(config, indent=2))
+    with model_compute():
+        _run(module, config_path, on_event, on_output)
+
+
+def _run(
+    module: str, config_path: Path, on_event: Callable[[dict[str, Any]], None], on_output: Callable[[str], None]
+) -> None:
     process = subprocess.Popen(
         [sys.executable, "-m", module, str(config_path)],
         stdout=subprocess.PIPE,
         text=True,
         bufsize=1,
         start_new_session=True,  # its own process group, so a stop reaches its children too
-        preexec_fn=_die_with_parent,
+        preexec_fn=die_with_parent,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     error = None

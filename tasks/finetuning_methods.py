@@ -78,11 +78,24 @@ def quantization(config: dict[str, Any]) -> dict[str, Any]:
     return {"quantization_config": quantized, "device_map": {"": torch.cuda.current_device()}}
 
 
-def trainable_model(config: dict[str, Any], device: torch.device, reward_head: bool = False) -> torch.nn.Module:
-    """The stage's start model with the finetuning method applied; `reward_head`: a scalar-score model."""
+def trainable_model(
+    config: dict[str, Any],
+    device: torch.device,
+    reward_head: bool = False,
+    attention: str | None = None,
+    frozen_dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """The stage's start model with the finetuning method applied; `reward_head`: a scalar-score model.
+
+    attention: the attn_implementation to load with (default: transformers' choice).
+    frozen_dtype: lora only, the dtype of the frozen base (bf16 under bf16 autocast halves its
+    memory and spares casting it every step; PEFT keeps the adapters in fp32).
+    """
     method, start = config["finetuning_type"], config["start"]
     remote_code = config.get("trust_remote_code", False)
     extra: dict[str, Any] = {"num_labels": 1} if reward_head else {}
+    if attention:
+        extra["attn_implementation"] = attention
     model_class = "AutoModelForSequenceClassification" if reward_head else "AutoModelForCausalLM"
     model_dir, adapters = start["model_dir"], start["adapters"]
     if method == "qlora" or reward_head:
@@ -92,7 +105,7 @@ def trainable_model(config: dict[str, Any], device: torch.device, reward_head: b
         if not torch.cuda.is_available():
             raise WorkerError("train.finetuning_type: qlora needs a CUDA GPU (bitsandbytes)")
         extra.update(quantization(config))
-    dtype = torch.bfloat16 if method == "qlora" else torch.float32
+    dtype = torch.bfloat16 if method == "qlora" else frozen_dtype if method == "lora" else torch.float32
     model = load_model(model_dir, adapters, device, dtype, remote_code, True, model_class, **extra)
     if reward_head and model.config.pad_token_id is None:
         model.config.pad_token_id = config["pad_token_id"]

@@ -1,4 +1,5 @@
-"""The Prefect server and MLflow tracking server that `make ui` starts on loopback.
+"""The Prefect server and MLflow tracking server that `make ui` starts on loopback, and the
+temporary Prefect server of one command.
 
 Both keep their databases and logs in the workspace. While they answer, runs of that
 workspace report to them; when they are stopped (or never started) runs fall back to
@@ -8,9 +9,11 @@ that nothing started. `workspace/servers.json` records what was started, for `ma
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +21,8 @@ from pathlib import Path
 
 import httpx
 from pydantic import BaseModel
+
+from tasks.child_process import die_with_parent
 
 RECORD = "servers.json"
 BIN = Path(sys.executable).parent
@@ -159,3 +164,54 @@ def stop(workspace: Path) -> Servers | None:
         _stop_group(pid)
     (Path(workspace) / RECORD).unlink(missing_ok=True)
     return servers
+
+
+class TemporaryPrefectServer:
+    """Prefect's temporary server for one command, launched before anything heavy is imported.
+
+    Without a server to report to, Prefect starts a temporary one when the flow begins and
+    waits about 10 s for it. Launched first thing instead, it boots on another core while the
+    command imports its libraries and checks the spec and data. It is the server Prefect would
+    start (same app, same local history), and it stops when the command exits, after
+    Prefect's own exit handlers have sent their last logs to it.
+    """
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.api_url = f"http://127.0.0.1:{port}/api"
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"]
+        command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
+        self.process = subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent
+        )
+        atexit.register(self.stop)  # registered before Prefect's handlers, so it runs after them
+
+    def wait_until_up(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(
+                    f"Prefect's temporary server exited while starting: {self.process.stderr.read()[-2000:]}"
+                )
+            if _answers(f"{self.api_url}/health"):
+                return
+            time.sleep(0.1)
+        raise ServerError(f"Prefect's temporary server did not answer at {self.api_url} within {timeout:.0f} s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from tasks.child_process import model_compute
 from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
 from tasks.tracking import StageRun, Tracking
 
@@ -101,7 +102,8 @@ def _build(
     if fingerprint["kind"] == "packaged":
         gguf = packaged_gguf(name_or_path)
         logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
-        convert_gguf(gguf, out / "model")
+        with model_compute():
+            convert_gguf(gguf, out / "model")
         model_path, source_digest = out / "model", sha256_file(gguf)
     elif fingerprint["kind"] == "local":
         model_path = Path(fingerprint["path"])

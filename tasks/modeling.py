@@ -1,6 +1,7 @@
 """Model helpers shared by the training, evaluation and export workers (torch lives here and below).
 
 - `compute_setup` turns the spec's compute_type into a device, an autocast dtype and threads.
+- `attention_implementation` picks the attention kernel the model is loaded with.
 - `load_model` reads a model directory, optionally with LoRA adapters on top (a chain of
   stages: every adapter but the last is merged in, the last stays switchable).
 - `supervised_loss` computes the loss only where labels are set, so the output head never
@@ -28,15 +29,29 @@ class ComputeSetup:
     name: str
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware; without it, bf16 on CPU is slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def compute_setup(compute_type: str) -> ComputeSetup:
-    """auto = bf16 on a CUDA GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
+    """auto = bf16 on a CUDA GPU that supports it (fp16 on an older one), or on a CPU with bf16
+    instructions; fp32 on other CPUs."""
     cuda = torch.cuda.is_available()
     if not cuda:
-        torch.set_num_threads(os.cpu_count() or 1)
+        # one thread per core this process may run on: more threads than cores only contend
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(cores or 1)
     device = torch.device("cuda" if cuda else "cpu")
     if compute_type == "auto":
         if not cuda:
-            return ComputeSetup(device, None, "fp32")
+            return (
+                ComputeSetup(device, torch.bfloat16, "bf16") if cpu_has_bf16() else ComputeSetup(device, None, "fp32")
+            )
         compute_type = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if compute_type == "fp16" and not cuda:
         raise WorkerError("train.compute_type: fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
@@ -91,12 +106,33 @@ def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def attention_implementation(device: torch.device) -> str:
+    """FlashAttention 2 on a GPU that has it installed (variable-length rows for packing), else SDPA."""
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
 def supervised_loss(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the supervised next-token positions, and their count."""
+    """Summed cross-entropy over the supervised next-token positions, and their count.
+
+    attention_mask None: right padding, which causal attention never lets a real token see.
+    position_ids restarting inside a row: packed examples, each attending only to itself
+    (transformers builds the block mask, or variable-length FlashAttention, from them).
+    """
     lm = causal_lm(model)
-    hidden = lm.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    hidden = lm.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = lm.lm_head(hidden[:, :-1][keep])

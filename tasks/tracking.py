@@ -47,6 +47,13 @@ def tracking_uri(workspace: Path) -> str:
     return servers.mlflow_url if servers else f"sqlite:///{workspace.resolve() / 'mlflow.db'}"
 
 
+def preload_store(workspace: Path) -> None:
+    """Import MLflow's SQL store now if this workspace will use it (3 s of imports, mostly SQLAlchemy
+    and alembic), so that the CLI pays for it while Prefect's server is still booting."""
+    if tracking_uri(workspace).startswith("sqlite:"):
+        import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+
+
 def _experiment_id(client: MlflowClient, name: str, workspace: Path) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:

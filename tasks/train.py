@@ -80,6 +80,8 @@ def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun) 
                     "total_params": event["total_params"],
                     "resolved_compute_type": event["compute_type"],
                     "device": event["device"],
+                    # what "auto" (None) became on this machine, next to the spec's own setting
+                    **{f"resolved_{k}": event[k] for k in ("attention", "packing", "torch_compile") if k in event},
                 }
             )
             logger.info(

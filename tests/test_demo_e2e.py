@@ -6,6 +6,7 @@ Slow (about 8 minutes on 2 CPU cores); runs in CI through `make test`.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
+
+TIME_REPORT = re.compile(r"Time: ([\d.]+)s in all; model compute ([\d.]+)s .*; orchestration ([\d.]+)s")
 
 
 def stage_manifest(workspace: Path, stage: str) -> dict:
@@ -37,6 +40,8 @@ def test_demo_teaches_identity_without_breaking_general_answers(tmp_path: Path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "Evaluation (before -> after)" in done.stdout and "Exported model:" in done.stdout
+    _, compute, orchestration = map(float, TIME_REPORT.search(done.stdout).groups())
+    assert compute > 0 and orchestration > 0, "the report separates the workers' time from the rest"
 
     metrics = stage_manifest(workspace, "evaluate")["metrics"]
     assert metrics["base_identity_hit_rate"] == 0.0

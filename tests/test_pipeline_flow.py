@@ -69,6 +69,12 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     losses = client.get_metric_history(train_run.info.run_id, "loss")
     assert len(losses) == stages["train"]["metrics"]["steps"] >= 4
     assert "loss_curve.png" in [a.path for a in client.list_artifacts(train_run.info.run_id)]
+    # throughput and memory are recorded for comparison; on CPU no packing and no compile by default
+    assert train_run.data.metrics["train_tokens"] == 2 * stages["tokenize"]["metrics"]["train_tokens"], "2 epochs"
+    assert train_run.data.metrics["train_tokens_per_second"] > 0 and train_run.data.metrics["peak_memory_mb"] > 0
+    assert (
+        train_run.data.params["resolved_packing"] == "False" and train_run.data.params["resolved_attention"] == "sdpa"
+    )
     assert by_stage["template"].inputs.dataset_inputs, "datasets are logged as MLflow inputs"
     version = client.get_model_version_by_alias("tiny-test", "candidate")
     assert version.run_id == by_stage["export"].info.run_id
