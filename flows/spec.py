@@ -220,6 +220,12 @@ class TrainSpec(Section):
     torch_compile: bool | None = Field(
         None, description="pt/sft: compile each decoder layer with torch.compile. Default: on with a CUDA GPU."
     )
+    num_processes: int = Field(
+        1,
+        ge=1,
+        description="pt/sft: training processes on this machine, launched by torchrun and kept in step by DDP "
+        "(one per GPU; on CPU, processes on the gloo backend). Each takes batch_size examples per step.",
+    )
     seed: int = Field(42, description="Seed for initialization, dropout and data order.")
     logging_steps: int = Field(5, ge=1, description="Log loss and learning rate every N optimizer steps.")
     save_steps: int = Field(50, ge=1, description="Write a checkpoint every N optimizer steps.")
@@ -255,6 +261,11 @@ class TrainSpec(Section):
             raise ValueError(f"preference settings are given but stage is {self.stage!r} (dpo, orpo, simpo or kto)")
         if changed("ppo") and self.stage != "ppo":
             raise ValueError(f"ppo settings are given but stage is {self.stage!r}")
+        if self.num_processes > 1 and self.stage not in ("pt", "sft"):
+            raise ValueError(
+                f"num_processes: several processes train the pt and sft stages; stage {self.stage!r} "
+                "trains in one process"
+            )
         if self.reward_model is not None and self.stage != "ppo":
             raise ValueError(f"reward_model is only read by a ppo stage, not {self.stage!r}")
         if self.finetuning_type == "qlora":

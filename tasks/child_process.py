@@ -51,8 +51,9 @@ class WorkerError(RuntimeError):
 
 
 def emit(event: dict[str, Any]) -> None:
-    """Send one event from a worker to the task that launched it."""
-    print(EVENT_PREFIX + json.dumps(event), flush=True)
+    """Send one event from a worker to the task that launched it (from rank 0 only, under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(EVENT_PREFIX + json.dumps(event), flush=True)
 
 
 def die_with_parent() -> None:
@@ -85,18 +86,29 @@ def run_worker(
     config_path: Path,
     on_event: Callable[[dict[str, Any]], None],
     on_output: Callable[[str], None] = print,
+    processes: int = 1,
 ) -> None:
-    """Run `python -m module config_path` to completion, handing its events to `on_event`."""
+    """Run `python -m module config_path` to completion, handing its events to `on_event`.
+
+    processes > 1: torchrun starts that many copies on this machine (RANK, WORLD_SIZE and a
+    rendezvous set for each); if one dies, torchrun stops the others and exits with an error.
+    """
     config_path.write_text(json.dumps(config, indent=2))
+    launcher = [sys.executable]
+    if processes > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
     with model_compute():
-        _run(module, config_path, on_event, on_output)
+        _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output)
 
 
 def _run(
-    module: str, config_path: Path, on_event: Callable[[dict[str, Any]], None], on_output: Callable[[str], None]
+    command: list[str],
+    module: str,
+    on_event: Callable[[dict[str, Any]], None],
+    on_output: Callable[[str], None],
 ) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", module, str(config_path)],
+        command,
         stdout=subprocess.PIPE,
         text=True,
         bufsize=1,

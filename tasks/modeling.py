@@ -45,7 +45,8 @@ def compute_setup(compute_type: str) -> ComputeSetup:
     if not cuda:
         # one thread per core this process may run on: more threads than cores only contend
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(cores or 1)
+        # several training processes on this machine (torchrun) share its cores
+        torch.set_num_threads(max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     device = torch.device("cuda" if cuda else "cpu")
     if compute_type == "auto":
         if not cuda:

@@ -108,6 +108,7 @@ def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun) 
         out / "train_config.json",
         on_event,
         on_output=logger.info,
+        processes=config.num_processes,
     )
     run.log_artifact(out / "loss_curve.png")
     history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines() if line]
@@ -132,6 +133,8 @@ def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun) 
         "trainable_params": summary.get("trainable_params"),
         "total_params": summary.get("total_params"),
         "resumed_from_step": summary.get("resumed_from_step"),
+        # with several processes: each one's steps, examples and a digest of its final weights
+        "ranks": summary.get("ranks"),
     }
     if config.stage == "rm":
         info["reward_model_dir"] = str(final / "reward_model")

@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from flows.spec import ADAPTER_METHODS
-from tasks.child_process import emit, worker_entry
+from tasks.child_process import WorkerError, emit, worker_entry
 from tasks.finetuning_methods import trainable_model
 from tasks.modeling import attention_implementation, causal_lm, compute_setup, supervised_loss
 from tasks.packing import packed_batch, padded_batch
@@ -73,6 +74,43 @@ def compile_layers(model: torch.nn.Module) -> bool:
     for layer in layers:
         layer.compile()
     return True
+
+
+class LabelOnlyLoss(torch.nn.Module):
+    """The model with `supervised_loss` as its forward, so that DDP wraps the call that trains."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, position_ids=None) -> torch.Tensor:
+        return supervised_loss(self.model, input_ids, None, labels, position_ids)[0]
+
+
+def start_process_group(cuda: bool) -> tuple[int, int]:
+    """Rank and world size; under torchrun, join its process group (NCCL on GPUs, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return dist.get_rank(), world
+
+
+def all_processes_sum(value: float, device: torch.device) -> float:
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total)
+
+
+def weights_digest(params: list[torch.nn.Parameter]) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def make_scheduler(config: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int):
@@ -178,6 +216,8 @@ def train(config: dict[str, Any]) -> None:
 
     output = Path(config["output_dir"])
     setup = compute_setup(config["compute_type"])
+    cuda = setup.device.type == "cuda"
+    rank, world = start_process_group(cuda)
     torch.manual_seed(config["seed"])
     random.seed(config["seed"])
 
@@ -187,7 +227,6 @@ def train(config: dict[str, Any]) -> None:
     lengths = [len(seq) for seq in sequences]
     pad_id = config["pad_token_id"]
 
-    cuda = setup.device.type == "cuda"
     attention = attention_implementation(setup.device)
     packing = config["packing"] if config["packing"] is not None else attention == "flash_attention_2"
     frozen = setup.autocast_dtype if setup.autocast_dtype == torch.bfloat16 else torch.float32
@@ -204,8 +243,15 @@ def train(config: dict[str, Any]) -> None:
     optimizer = torch.optim.AdamW(
         params, lr=config["learning_rate"], weight_decay=config["weight_decay"], fused=cuda or None
     )
+    trainer = LabelOnlyLoss(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        trainer = DistributedDataParallel(trainer)
     accumulation = config["gradient_accumulation_steps"]
-    batches_per_epoch = math.ceil(len(sequences) / config["batch_size"])
+    # a step takes batch_size examples on each process: the same steps as one process with batch_size x world
+    global_batch = config["batch_size"] * world
+    batches_per_epoch = math.ceil(len(sequences) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = max(1, math.ceil(steps_per_epoch * config["num_epochs"]))
     scheduler = make_scheduler(config, optimizer, total_steps)
@@ -233,32 +279,44 @@ def train(config: dict[str, Any]) -> None:
             "packing": packing,
             "torch_compile": compiled,
             "gradient_checkpointing": config["gradient_checkpointing"],
+            "world_size": world,
         }
     )
 
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
     scaler = torch.amp.GradScaler("cuda") if setup.autocast_dtype == torch.float16 else None
     kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))
+    kill_rank = int(os.environ.get("TUNEFACTORY_FAULT_KILL_RANK", "0"))
+    examples_here = 0
     window_loss, window_tokens, window_seen, window_start = 0.0, 0, 0, time.time()
     loop_start, loop_tokens = time.time(), 0
-    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    progress = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True, disable=rank > 0)
     while step < total_steps:
         epoch, position = divmod(step * accumulation, batches_per_epoch)
-        batches = epoch_batches(lengths, config["batch_size"], config["seed"], epoch)
+        batches = epoch_batches(lengths, global_batch, config["seed"], epoch)
         group = batches[position : position + accumulation]
         supervised = sum(sum(label != -100 for label in labels[i][1:]) for batch in group for i in batch)
-        for batch in group:
-            seqs, labs = [sequences[i] for i in batch], [labels[i] for i in batch]
+        for micro, batch in enumerate(group):
+            # this process's share; one left without examples repeats one at zero weight, so that
+            # every process runs the forward and backward DDP waits for
+            mine = batch[rank::world]
+            weight = 1.0 if mine else 0.0
+            mine = mine or batch[:1]
+            examples_here += len(mine) if weight else 0
+            seqs, labs = [sequences[i] for i in mine], [labels[i] for i in mine]
             if packing:
                 ids, positions, target = packed_batch(seqs, labs, config["cutoff_len"], pad_id, multiple)
                 positions = positions.to(setup.device)
             else:
                 (ids, target), positions = padded_batch(seqs, labs, pad_id, multiple), None
             ids, target = ids.to(setup.device), target.to(setup.device)
-            with autocast:
-                loss_sum, _ = supervised_loss(model, ids, None, target, positions)
-            loss = loss_sum / max(supervised, 1)
-            (scaler.scale(loss) if scaler else loss).backward()
+            sync = world == 1 or micro == len(group) - 1  # DDP averages gradients once per step
+            with nullcontext() if sync else trainer.no_sync():
+                with autocast:
+                    loss_sum = trainer(ids, target, positions) * weight
+                # DDP averages over processes; times world, the step's gradient is that of its summed loss
+                loss = loss_sum * world / max(supervised, 1)
+                (scaler.scale(loss) if scaler else loss).backward()
             window_loss += float(loss_sum.detach())
             window_seen += sum(lengths[i] for i in batch)
         window_tokens += supervised
@@ -275,6 +333,8 @@ def train(config: dict[str, Any]) -> None:
         step += 1
         progress.update(1)
         if step % config["logging_steps"] == 0 or step == total_steps:
+            if world > 1:  # every process's share of the loss
+                window_loss = all_processes_sum(window_loss, setup.device)
             loss_value = window_loss / max(window_tokens, 1)
             elapsed = time.time() - window_start
             record = {
@@ -295,12 +355,25 @@ def train(config: dict[str, Any]) -> None:
         if config["lr_scheduler"] != "reduce_lr_on_plateau":
             scheduler.step()
         if step % config["save_steps"] == 0 and step < total_steps:
-            save_checkpoint(output, step, model, optimizer, scheduler, history, config)
-            emit({"type": "checkpoint", "step": step})
-        if kill_at and step == kill_at:  # fault injection for the crash-resume tests
+            if rank == 0:
+                save_checkpoint(output, step, model, optimizer, scheduler, history, config)
+                emit({"type": "checkpoint", "step": step})
+            if world > 1:
+                dist.barrier()  # no process runs ahead of a checkpoint being written
+        if kill_at and step == kill_at and rank == kill_rank:  # fault injection for the crash-resume tests
             os.kill(os.getpid(), 9)
     progress.close()
     loop_seconds = time.time() - loop_start
+    ranks = None
+    if world > 1:  # every process ended at the same step with the same weights, or the stage fails
+        ranks = [None] * world
+        mine = {"rank": rank, "steps": step, "examples": examples_here, "weights": weights_digest(params)}
+        dist.all_gather_object(ranks, mine)
+        dist.destroy_process_group()
+        if len({(r["steps"], r["weights"]) for r in ranks}) > 1:
+            raise WorkerError(f"the training processes ended out of step: {ranks}")
+        if rank > 0:
+            return  # only the first process writes outputs
 
     method = config["finetuning_type"]
     save_weights(model, output / ("adapter" if method in ADAPTER_METHODS else "model"), method)
@@ -317,7 +390,9 @@ def train(config: dict[str, Any]) -> None:
                 "train_loop_seconds": round(loop_seconds, 2),
                 "train_tokens_per_second": round(loop_tokens / max(loop_seconds, 1e-9), 1),
                 "peak_memory_mb": round(peak_memory_mb(setup.device), 1),
+                "world_size": world,
             },
+            "ranks": ranks,
         }
     )
 

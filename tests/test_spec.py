@@ -68,6 +68,10 @@ def test_defaults_form_a_valid_spec():
         ({"export": {"max_shard_size": "big"}}, "export.max_shard_size: 'big' is not a size like '500MB'"),
         ({"train": {"finetuning_type": "full", "lora": {"rank": 8}}}, "train: lora settings are given but"),
         ({"name": "my model"}, "name: 'my model' must be letters, digits"),
+        (
+            {"train": {"stage": "dpo", "num_processes": 2}},
+            "train: num_processes: several processes train the pt and sft stages; stage 'dpo' trains in one process",
+        ),
     ],
 )
 def test_bad_spec_names_key_value_and_what_is_allowed(data: dict, expected: str):
