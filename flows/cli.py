@@ -79,6 +79,16 @@ def connect_prefect(spec: PipelineSpec):
     return server
 
 
+def ready_to_run(spec: PipelineSpec, server) -> None:
+    """Before the flow starts: MLflow's SQL store imported and the temporary server (if any) answering."""
+    if server is None:
+        return
+    from tasks.tracking import preload_store
+
+    preload_store(Path(spec.workspace))  # 3 s of imports, while the server is still booting
+    server.wait_until_up()
+
+
 def report_to_running_servers(spec: PipelineSpec) -> None:
     """While `make ui` runs the workspace's servers, this run reports to them.
 
@@ -147,11 +157,7 @@ def command_run(args: argparse.Namespace) -> int:
     check_inputs(spec)
     from flows.pipeline import finetune
 
-    if server:
-        from tasks.tracking import preload_store
-
-        preload_store(Path(spec.workspace))
-        server.wait_until_up()
+    ready_to_run(spec, server)
     state = finetune(spec, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
@@ -257,11 +263,7 @@ def command_sweep(args: argparse.Namespace) -> int:
     print(f"tunefactory: {len(variants)} variants: " + "; ".join(label for label, _ in variants))
     from flows.sweep import sweep
 
-    if server:
-        from tasks.tracking import preload_store
-
-        preload_store(Path(spec.workspace))
-        server.wait_until_up()
+    ready_to_run(spec, server)
 
     state = sweep(spec, grid, return_state=True)
     if not state.is_completed():

@@ -203,9 +203,7 @@ class TrainSpec(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
     compute_type: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto",
-        description="auto: bf16 on a CUDA GPU that supports it, or on a CPU with bf16 instructions "
-        "(AVX512-BF16, AMX); fp32 otherwise.",
+        "auto", description="auto: bf16 on a CUDA GPU that supports it, fp32 otherwise."
     )
     packing: bool | None = Field(
         None,

@@ -29,18 +29,8 @@ class ComputeSetup:
     name: str
 
 
-def cpu_has_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware; without it, bf16 on CPU is slower than fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def compute_setup(compute_type: str) -> ComputeSetup:
-    """auto = bf16 on a CUDA GPU that supports it (fp16 on an older one), or on a CPU with bf16
-    instructions; fp32 on other CPUs."""
+    """auto = bf16 on a CUDA GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
     cuda = torch.cuda.is_available()
     if not cuda:
         # one thread per core this process may run on: more threads than cores only contend
@@ -50,9 +40,7 @@ def compute_setup(compute_type: str) -> ComputeSetup:
     device = torch.device("cuda" if cuda else "cpu")
     if compute_type == "auto":
         if not cuda:
-            return (
-                ComputeSetup(device, torch.bfloat16, "bf16") if cpu_has_bf16() else ComputeSetup(device, None, "fp32")
-            )
+            return ComputeSetup(device, None, "fp32")
         compute_type = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if compute_type == "fp16" and not cuda:
         raise WorkerError("train.compute_type: fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
