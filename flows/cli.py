@@ -61,8 +61,9 @@ def user_errors() -> tuple[type[Exception], ...]:
     from tasks.local_servers import ServerError
     from tasks.materialize_model import ModelSourceError
     from tasks.model_registry import RegistryError
+    from tasks.train_nodes import JoinError
 
-    return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError
+    return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError, JoinError
 
 
 def connect_prefect(spec: PipelineSpec):
@@ -354,6 +355,13 @@ def command_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_train_node(args: argparse.Namespace) -> int:
+    from tasks.train_nodes import join_training
+
+    join_training(Path(args.workspace).resolve(), args.node_rank, args.timeout)
+    return 0
+
+
 def command_chat(args: argparse.Namespace) -> int:
     from tasks.chat import chat_loop
 
@@ -424,6 +432,13 @@ def parser() -> argparse.ArgumentParser:
     ui.add_argument("--prefect-port", type=int, default=4200)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.set_defaults(handler=command_ui)
+    node = commands.add_parser(
+        "train-node", help="on another machine: join a train stage whose spec sets train.nnodes (shared workspace)"
+    )
+    node.add_argument("--workspace", default="workspace", help="the pipeline's workspace, shared with node 0")
+    node.add_argument("--node-rank", type=int, required=True, help="this machine's node number, 1 .. nnodes-1")
+    node.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the train stage to start")
+    node.set_defaults(handler=command_train_node)
     chat = commands.add_parser("chat", help="talk to an exported model or an adapter checkpoint")
     chat.add_argument("path", help="exported model directory, or a directory holding adapter_config.json")
     chat.add_argument("--max-new-tokens", type=int, default=256)

@@ -152,6 +152,17 @@ class PpoSpec(Section):
 
 # Methods whose output is an adapter on the start model (the others write a whole model).
 ADAPTER_METHODS = ("lora", "qlora")
+# DeepSpeed settings that the train section owns, and the keys that set them
+SPEC_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "train.batch_size x gradient_accumulation_steps x processes",
+    "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.gradient_accumulation_steps",
+    "gradient_clipping": "train.max_grad_norm",
+    "bf16": "train.compute_type",
+    "fp16": "train.compute_type",
+    "optimizer": "train.learning_rate and train.weight_decay (AdamW)",
+    "scheduler": "train.lr_scheduler and train.warmup_ratio",
+}
 
 STAGE_DATA = {
     "pt": "text",
@@ -221,8 +232,32 @@ class TrainSpec(Section):
     num_processes: int = Field(
         1,
         ge=1,
-        description="pt/sft: training processes on this machine, launched by torchrun and kept in step by DDP "
-        "(one per GPU; on CPU, processes on the gloo backend). Each takes batch_size examples per step.",
+        description="pt/sft: training processes per machine, launched by torchrun (one per GPU; on CPU, "
+        "processes on the gloo backend). Each takes batch_size examples per step.",
+    )
+    distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp",
+        description="With several processes, how they share the work: ddp (every process holds the whole model; "
+        "the choice for LoRA), fsdp (PyTorch FSDP2: weights, gradients and optimizer state split across processes) "
+        "or deepspeed (DeepSpeed ZeRO, as deepspeed_config says).",
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="distributed: deepspeed: a DeepSpeed JSON config (zero_optimization and the like; examples in "
+        "deployments/deepspeed/). Batch size, accumulation, clipping, precision, optimizer and scheduler come "
+        "from this train section and may only be 'auto' there. Default: ZeRO stage 2.",
+    )
+    nnodes: int = Field(
+        1,
+        ge=1,
+        description="pt/sft: machines that train together, each running num_processes processes. This machine "
+        "is node 0; each other one runs `tunefactory train-node --workspace W --node-rank K` on the same "
+        "shared workspace.",
+    )
+    rendezvous: str | None = Field(
+        None,
+        description="nnodes > 1: host:port on node 0 where the nodes meet (torchrun's master address and port); "
+        "every node must reach it.",
     )
     seed: int = Field(42, description="Seed for initialization, dropout and data order.")
     logging_steps: int = Field(5, ge=1, description="Log loss and learning rate every N optimizer steps.")
@@ -259,11 +294,7 @@ class TrainSpec(Section):
             raise ValueError(f"preference settings are given but stage is {self.stage!r} (dpo, orpo, simpo or kto)")
         if changed("ppo") and self.stage != "ppo":
             raise ValueError(f"ppo settings are given but stage is {self.stage!r}")
-        if self.num_processes > 1 and self.stage not in ("pt", "sft"):
-            raise ValueError(
-                f"num_processes: several processes train the pt and sft stages; stage {self.stage!r} "
-                "trains in one process"
-            )
+        self._check_distributed()
         if self.reward_model is not None and self.stage != "ppo":
             raise ValueError(f"reward_model is only read by a ppo stage, not {self.stage!r}")
         if self.finetuning_type == "qlora":
@@ -271,6 +302,56 @@ class TrainSpec(Section):
             if problem:
                 raise ValueError(f"finetuning_type qlora: {problem}; use lora on this machine")
         return self
+
+    def _check_distributed(self) -> None:
+        if self.num_processes * self.nnodes > 1 and self.stage not in ("pt", "sft"):
+            key = "num_processes" if self.num_processes > 1 else "nnodes"
+            raise ValueError(f"{key}: several processes train the pt and sft stages; stage {self.stage!r} "
+                             "trains in one process")  # fmt: skip
+        if self.distributed != "ddp" and self.num_processes * self.nnodes == 1:
+            raise ValueError(
+                f"distributed: {self.distributed} shares training across processes; "
+                "set num_processes (or nnodes) above 1, or leave distributed out"
+            )
+        if self.distributed != "ddp" and self.compute_type == "fp16":
+            raise ValueError(f"distributed: {self.distributed} trains in bf16 or fp32, not compute_type fp16")
+        if self.deepspeed_config is not None:
+            if self.distributed != "deepspeed":
+                raise ValueError("deepspeed_config is only read with distributed: deepspeed")
+            self.deepspeed_settings()  # the file must be readable and leave the spec's settings alone
+        if self.distributed == "deepspeed":
+            import importlib.util
+
+            if importlib.util.find_spec("deepspeed") is None:
+                raise ValueError(
+                    "distributed: deepspeed needs the deepspeed package (make install, or "
+                    "pip install --no-build-isolation deepspeed)"
+                )
+        if self.nnodes > 1 and not re.fullmatch(r"[A-Za-z0-9._\-\[\]:]+:\d{1,5}", self.rendezvous or ""):
+            raise ValueError(
+                f"nnodes {self.nnodes} needs rendezvous: host:port of node 0, which every node can reach "
+                f"(got {self.rendezvous!r})"
+            )
+        if self.rendezvous is not None and self.nnodes == 1:
+            raise ValueError("rendezvous is only read with nnodes above 1")
+
+    def deepspeed_settings(self) -> dict[str, Any] | None:
+        """The deepspeed_config file's settings, or None; refused where they would override the spec."""
+        if self.deepspeed_config is None:
+            return None
+        path = Path(self.deepspeed_config)
+        try:
+            settings = yaml.safe_load(path.read_text(encoding="utf-8"))  # JSON is YAML
+        except OSError as exc:
+            raise ValueError(f"deepspeed_config {path}: cannot be read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"deepspeed_config {path}: not valid JSON ({exc})") from None
+        if not isinstance(settings, dict):
+            raise ValueError(f"deepspeed_config {path}: the top level must be a mapping of DeepSpeed settings")
+        for key, owner in SPEC_OWNED_DEEPSPEED_KEYS.items():
+            if settings.get(key, "auto") != "auto":
+                raise ValueError(f'deepspeed_config {path}: {key!r} comes from {owner}; write "auto" or leave it out')
+        return {key: value for key, value in settings.items() if value != "auto"}
 
     @field_validator("checkpoint_name")
     @classmethod

@@ -82,21 +82,23 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 def run_worker(
     module: str,
-    config: dict[str, Any],
+    config: dict[str, Any] | None,
     config_path: Path,
     on_event: Callable[[dict[str, Any]], None],
     on_output: Callable[[str], None] = print,
-    processes: int = 1,
+    torchrun: list[str] | None = None,
 ) -> None:
     """Run `python -m module config_path` to completion, handing its events to `on_event`.
 
-    processes > 1: torchrun starts that many copies on this machine (RANK, WORLD_SIZE and a
-    rendezvous set for each); if one dies, torchrun stops the others and exits with an error.
+    config: written to config_path first (None: it is there already). torchrun: launch
+    through torchrun with these arguments, which start one copy per process (RANK, WORLD_SIZE
+    and a rendezvous set for each); if one dies, torchrun stops the others and exits with an error.
     """
-    config_path.write_text(json.dumps(config, indent=2))
+    if config is not None:
+        config_path.write_text(json.dumps(config, indent=2))
     launcher = [sys.executable]
-    if processes > 1:
-        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", *torchrun]
     with model_compute():
         _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output)
 

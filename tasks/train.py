@@ -25,10 +25,11 @@ from tasks.materialize_model import base_model_path
 from tasks.prefect_artifacts import TrainingProgress, publish_loss_curve
 from tasks.stage_output import Manifest, StageResult, code_version, point_link, published_dir, run_stage, stage_id
 from tasks.tracking import StageRun, Tracking
+from tasks.train_nodes import announce_training, torchrun_arguments
 
 HERE = Path(__file__).resolve().parent
 # Settings that name or pace the run but do not change what is learned stay out of the cache key.
-BOOKKEEPING = {"checkpoint_name", "logging_steps", "save_steps", "save_total_limit"}
+BOOKKEEPING = {"checkpoint_name", "logging_steps", "save_steps", "save_total_limit", "rendezvous"}
 
 
 OWN_LOOP_STAGES = ("pt", "sft")
@@ -56,10 +57,11 @@ def worker_config(
         "output_dir": str(out),
         "pad_token_id": pad if pad is not None else model_config.get("eos_token_id", 0),
         "trust_remote_code": base.info.get("trust_remote_code", False),
+        "deepspeed_settings": config.deepspeed_settings(),
     }
 
 
-def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
+def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun, workspace: Path) -> StageResult:
     logger = get_run_logger()
     summary: dict[str, Any] = {}
     progress = TrainingProgress()
@@ -102,13 +104,16 @@ def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun) 
             logger.debug("%s: %s", kind, event)
 
     started = time.time()
+    if config.nnodes > 1:  # what `tunefactory train-node` waits for on the other nodes
+        announce_training(workspace, out / "train_config.json", config.num_processes, config.nnodes, config.rendezvous)
+        logger.info("waiting for %d more nodes to join at %s", config.nnodes - 1, config.rendezvous)
     run_worker(
         "tasks.train_worker" if config.stage in OWN_LOOP_STAGES else "tasks.trl_worker",
         worker,
         out / "train_config.json",
         on_event,
         on_output=logger.info,
-        processes=config.num_processes,
+        torchrun=torchrun_arguments(config.num_processes, config.nnodes, config.rendezvous, node_rank=0),
     )
     run.log_artifact(out / "loss_curve.png")
     history = [json.loads(line) for line in (out / "loss_history.jsonl").read_text().splitlines() if line]
@@ -164,15 +169,21 @@ def train_model(
 ) -> Manifest:
     """Train the stage from `start` (default: the base model); what it made is in info.weights."""
     upstream = [m for m in (tokenized, base_model, start, reward) if m is not None]
-    sources = ("train_worker.py", "trl_worker.py", "finetuning_methods.py", "modeling.py")
+    sources = ("train_worker.py", "trl_worker.py", "finetuning_methods.py", "modeling.py", "distributed_engines.py")
+    # what DeepSpeed's file says shapes the training as much as the spec does
+    settings = config.model_dump(mode="json", exclude=BOOKKEEPING)
+    if config.distributed == "deepspeed":
+        settings["deepspeed_settings"] = config.deepspeed_settings()
     manifest = run_stage(
         stage_id("train", for_stage),
-        config.model_dump(mode="json", exclude=BOOKKEEPING),
+        settings,
         upstream,
         code_version(__file__, *(str(HERE / name) for name in sources)),
         workspace,
         tracking,
-        lambda out, run: _build(config, worker_config(config, base_model, tokenized, start, reward, out), out, run),
+        lambda out, run: _build(
+            config, worker_config(config, base_model, tokenized, start, reward, out), out, run, workspace
+        ),
         resumable=True,
     )
     # <workspace>/checkpoints/<checkpoint_name> names the training output for people

@@ -32,8 +32,9 @@ import torch.distributed as dist
 
 from flows.spec import ADAPTER_METHODS
 from tasks.child_process import WorkerError, emit, worker_entry
+from tasks.distributed_engines import Engine, all_processes_sum, decoder_layers, make_engine, start_process_group
 from tasks.finetuning_methods import trainable_model
-from tasks.modeling import attention_implementation, causal_lm, compute_setup, supervised_loss
+from tasks.modeling import attention_implementation, causal_lm, compute_setup
 from tasks.packing import packed_batch, padded_batch
 
 CHECKPOINTS = "checkpoints"
@@ -53,10 +54,6 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
     return batches
 
 
-def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
 def peak_memory_mb(device: torch.device) -> float:
     """Peak GPU memory allocated by torch, or the process's peak resident memory on CPU."""
     if device.type == "cuda":
@@ -68,49 +65,12 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def compile_layers(model: torch.nn.Module) -> bool:
     """torch.compile each decoder layer: one graph, reused by every layer; False if none is found."""
-    layers = getattr(getattr(causal_lm(model), "model", None), "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList):
+    layers = decoder_layers(model)
+    if layers is None:
         return False
     for layer in layers:
         layer.compile()
     return True
-
-
-class LabelOnlyLoss(torch.nn.Module):
-    """The model with `supervised_loss` as its forward, so that DDP wraps the call that trains."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, labels, position_ids=None) -> torch.Tensor:
-        return supervised_loss(self.model, input_ids, None, labels, position_ids)[0]
-
-
-def start_process_group(cuda: bool) -> tuple[int, int]:
-    """Rank and world size; under torchrun, join its process group (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl" if cuda else "gloo")
-    return dist.get_rank(), world
-
-
-def all_processes_sum(value: float, device: torch.device) -> float:
-    total = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return float(total)
-
-
-def weights_digest(params: list[torch.nn.Parameter]) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    for p in params:
-        digest.update(p.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def make_scheduler(config: dict[str, Any], optimizer: torch.optim.Optimizer, total_steps: int):
@@ -139,54 +99,51 @@ def newest_checkpoint(output: Path) -> Path | None:
     return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
 
 
-def save_weights(model: torch.nn.Module, directory: Path, finetuning_type: str) -> None:
-    if finetuning_type in ADAPTER_METHODS:
-        model.save_pretrained(directory)
-    else:
-        model.save_pretrained(directory, safe_serialization=True)
-
-
 def save_checkpoint(
-    output: Path, step: int, model, optimizer, scheduler, history: list[dict], config: dict[str, Any]
+    output: Path, step: int, engine: Engine, scheduler, history: list[dict], config: dict[str, Any], rank: int
 ) -> None:
-    """Write checkpoint-<step> atomically, then drop the oldest beyond save_total_limit."""
+    """Write checkpoint-<step> atomically (every process calls it), then drop the oldest beyond save_total_limit.
+
+    The engine writes weights and optimizer state (process 0 alone, or every process its
+    part); process 0 then adds the step, schedule, loss history and random state, and the
+    directory gets its final name only when all of it is there.
+    """
     root = output / CHECKPOINTS
     final = root / f"checkpoint-{step}"
     partial = root / f".checkpoint-{step}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_weights(model, partial / "weights", config["finetuning_type"])
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "history": history,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
-    torch.save(state, partial / "trainer_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(partial, final)
-    complete = sorted(
-        (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for old in complete[: -config["save_total_limit"]]:
-        shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    barrier(engine)
+    engine.save_state(partial, rank)
+    barrier(engine)
+    if rank == 0:
+        state = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "history": history,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+        }
+        torch.save(state, partial / "trainer_state.pt")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(partial, final)
+        complete = sorted(
+            (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+            key=lambda p: int(p.name.split("-")[-1]),
+        )
+        for old in complete[: -config["save_total_limit"]]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier(engine)  # no process runs ahead of a checkpoint being written
 
 
-def load_checkpoint(checkpoint: Path, model, optimizer, scheduler, finetuning_type: str) -> dict:
-    weights = checkpoint / "weights"
-    if finetuning_type in ADAPTER_METHODS:
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
+def barrier(engine: Engine) -> None:
+    if engine.world > 1:
+        dist.barrier()
 
-        set_peft_model_state_dict(model, load_file(weights / "adapter_model.safetensors"))
-    else:
-        from transformers import AutoModelForCausalLM
 
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(weights).state_dict())
+def load_checkpoint(checkpoint: Path, engine: Engine, scheduler) -> dict:
+    engine.load_state(checkpoint)
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
@@ -229,7 +186,9 @@ def train(config: dict[str, Any]) -> None:
 
     attention = attention_implementation(setup.device)
     packing = config["packing"] if config["packing"] is not None else attention == "flash_attention_2"
-    frozen = setup.autocast_dtype if setup.autocast_dtype == torch.bfloat16 else torch.float32
+    # a bf16 frozen base under LoRA; FSDP and DeepSpeed cast weights themselves, from fp32
+    sharded = world > 1 and config["distributed"] != "ddp"
+    frozen = setup.autocast_dtype if setup.autocast_dtype == torch.bfloat16 and not sharded else torch.float32
     model = trainable_model(config, setup.device, attention=attention, frozen_dtype=frozen)
     model.train()
     if config["gradient_checkpointing"]:
@@ -239,32 +198,25 @@ def train(config: dict[str, Any]) -> None:
     )
     # compiled layers see a few row widths, not one per step
     multiple = 64 if compiled else 1
-    params = trainable_parameters(model)
-    optimizer = torch.optim.AdamW(
-        params, lr=config["learning_rate"], weight_decay=config["weight_decay"], fused=cuda or None
-    )
-    trainer = LabelOnlyLoss(model)
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        trainer = DistributedDataParallel(trainer)
+    # counted before FSDP or ZeRO-3 split the weights across processes
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    engine = make_engine(model, config, setup, world)
     accumulation = config["gradient_accumulation_steps"]
     # a step takes batch_size examples on each process: the same steps as one process with batch_size x world
     global_batch = config["batch_size"] * world
     batches_per_epoch = math.ceil(len(sequences) / global_batch)
     steps_per_epoch = math.ceil(batches_per_epoch / accumulation)
     total_steps = max(1, math.ceil(steps_per_epoch * config["num_epochs"]))
-    scheduler = make_scheduler(config, optimizer, total_steps)
+    scheduler = make_scheduler(config, engine.schedulable_optimizer, total_steps)
 
     step, history = 0, []
     checkpoint = newest_checkpoint(output)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model, optimizer, scheduler, config["finetuning_type"])
+        state = load_checkpoint(checkpoint, engine, scheduler)
         step, history = state["step"], state["history"]
         emit({"type": "resumed", "step": step, "checkpoint": checkpoint.name})
 
-    trainable = sum(p.numel() for p in params)
-    total = sum(p.numel() for p in model.parameters())
     emit(
         {
             "type": "start",
@@ -284,7 +236,6 @@ def train(config: dict[str, Any]) -> None:
     )
 
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
-    scaler = torch.amp.GradScaler("cuda") if setup.autocast_dtype == torch.float16 else None
     kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))
     kill_rank = int(os.environ.get("TUNEFACTORY_FAULT_KILL_RANK", "0"))
     examples_here = 0
@@ -298,7 +249,7 @@ def train(config: dict[str, Any]) -> None:
         supervised = sum(sum(label != -100 for label in labels[i][1:]) for batch in group for i in batch)
         for micro, batch in enumerate(group):
             # this process's share; one left without examples repeats one at zero weight, so that
-            # every process runs the forward and backward DDP waits for
+            # every process runs the forward and backward the others wait for
             mine = batch[rank::world]
             weight = 1.0 if mine else 0.0
             mine = mine or batch[:1]
@@ -310,26 +261,17 @@ def train(config: dict[str, Any]) -> None:
             else:
                 (ids, target), positions = padded_batch(seqs, labs, pad_id, multiple), None
             ids, target = ids.to(setup.device), target.to(setup.device)
-            sync = world == 1 or micro == len(group) - 1  # DDP averages gradients once per step
-            with nullcontext() if sync else trainer.no_sync():
+            # gradients are averaged over processes once per step, after its last micro-batch
+            with engine.micro_batch(last=micro == len(group) - 1):
                 with autocast:
-                    loss_sum = trainer(ids, target, positions) * weight
-                # DDP averages over processes; times world, the step's gradient is that of its summed loss
-                loss = loss_sum * world / max(supervised, 1)
-                (scaler.scale(loss) if scaler else loss).backward()
+                    loss_sum = engine.loss(ids, target, positions) * weight
+                # averaged over processes, then times world: the gradient of the step's summed loss
+                engine.backward(loss_sum * world / max(supervised, 1))
             window_loss += float(loss_sum.detach())
             window_seen += sum(lengths[i] for i in batch)
         window_tokens += supervised
         loop_tokens += sum(lengths[i] for batch in group for i in batch)
-        if scaler:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, config["max_grad_norm"] or float("inf"))
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = engine.step()
         step += 1
         progress.update(1)
         if step % config["logging_steps"] == 0 or step == total_steps:
@@ -341,8 +283,8 @@ def train(config: dict[str, Any]) -> None:
                 "step": step,
                 "epoch": round(step / steps_per_epoch, 3),
                 "loss": round(loss_value, 5),
-                "learning_rate": optimizer.param_groups[0]["lr"],
-                "grad_norm": round(float(grad_norm), 4),
+                "learning_rate": engine.schedulable_optimizer.param_groups[0]["lr"],
+                "grad_norm": round(grad_norm, 4),
                 "tokens_per_second": round(window_seen / max(elapsed, 1e-9), 1),
                 "tokens": window_seen,  # real tokens since the last log, padding not counted
             }
@@ -355,28 +297,26 @@ def train(config: dict[str, Any]) -> None:
         if config["lr_scheduler"] != "reduce_lr_on_plateau":
             scheduler.step()
         if step % config["save_steps"] == 0 and step < total_steps:
-            if rank == 0:
-                save_checkpoint(output, step, model, optimizer, scheduler, history, config)
-                emit({"type": "checkpoint", "step": step})
-            if world > 1:
-                dist.barrier()  # no process runs ahead of a checkpoint being written
+            save_checkpoint(output, step, engine, scheduler, history, config, rank)
+            emit({"type": "checkpoint", "step": step})
         if kill_at and step == kill_at and rank == kill_rank:  # fault injection for the crash-resume tests
             os.kill(os.getpid(), 9)
     progress.close()
     loop_seconds = time.time() - loop_start
+    method = config["finetuning_type"]
+    engine.save_final(output / ("adapter" if method in ADAPTER_METHODS else "model"), rank)
     ranks = None
-    if world > 1:  # every process ended at the same step with the same weights, or the stage fails
+    if world > 1:  # every process ended at the same step (with the same weights, where each holds them all)
         ranks = [None] * world
-        mine = {"rank": rank, "steps": step, "examples": examples_here, "weights": weights_digest(params)}
+        digest = engine.digest() if engine.replicated else None  # a part of the weights says little
+        mine = {"rank": rank, "steps": step, "examples": examples_here, "weights": digest}
         dist.all_gather_object(ranks, mine)
         dist.destroy_process_group()
         if len({(r["steps"], r["weights"]) for r in ranks}) > 1:
             raise WorkerError(f"the training processes ended out of step: {ranks}")
         if rank > 0:
-            return  # only the first process writes outputs
+            return  # only the first process writes outputs and reports
 
-    method = config["finetuning_type"]
-    save_weights(model, output / ("adapter" if method in ADAPTER_METHODS else "model"), method)
     with (output / "loss_history.jsonl").open("w") as handle:
         handle.writelines(json.dumps(record) + "\n" for record in history)
     plot_loss(history, output / "loss_curve.png", f"{config['stage']} ({method}), lr={config['learning_rate']}")

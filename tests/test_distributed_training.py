@@ -1,10 +1,14 @@
-"""Training with several processes: torchrun on this machine, DDP on the gloo backend (CPU).
+"""Training with several processes through torchrun, on the gloo backend (CPU): DDP, FSDP2,
+DeepSpeed ZeRO-3, and two "nodes" on this machine joined by `tunefactory train-node`.
 
 Select them with `pytest -k "ddp or distributed or torchrun"`.
 """
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,49 +19,47 @@ from safetensors.torch import load_file
 
 from flows.pipeline import finetune
 
+REPO = Path(__file__).resolve().parents[1]
+ZERO3 = str(REPO / "deployments" / "deepspeed" / "zero3.json")
+# two processes with 2 examples each take the same steps as one process with 4
+TWO_PROCESSES = {
+    "ddp": {"batch_size": 2, "num_processes": 2},
+    "fsdp": {"batch_size": 2, "num_processes": 2, "distributed": "fsdp"},
+    "deepspeed": {"batch_size": 2, "num_processes": 2, "distributed": "deepspeed", "deepspeed_config": ZERO3},
+}
+
 
 def adapter(result: dict) -> dict[str, torch.Tensor]:
     return load_file(Path(result["stages"]["train"]["output_dir"]) / "adapter" / "adapter_model.safetensors")
 
 
+def loss_curve(result: dict) -> dict[int, float]:
+    run_id = result["stages"]["train"]["mlflow_run_id"]
+    return {m.step: m.value for m in MlflowClient(result["tracking"]["uri"]).get_metric_history(run_id, "loss")}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
-def one_and_two_processes(prefect_harness, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The same training as 1 process x 4 examples per step and as 2 processes x 2 (torchrun, DDP)."""
-    workspace = tmp_path_factory.mktemp("ddp") / "workspace"
-    one = finetune(tiny_spec(tiny_model, workspace, {"train": {"batch_size": 4}}))
-    two = finetune(tiny_spec(tiny_model, workspace, {"train": {"batch_size": 2, "num_processes": 2}}))
-    return one, two
+def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("distributed") / "workspace"
 
 
-def test_ddp_two_torchrun_processes_train_in_lockstep_and_match_one_process(one_and_two_processes):
-    one, two = one_and_two_processes
-    assert two["stages"]["tokenize"]["reused"], "only the train stage differs"
-    train = two["stages"]["train"]
-    ranks = train["info"]["ranks"]
-    assert [r["rank"] for r in ranks] == [0, 1]
-    assert (
-        ranks[0]["steps"]
-        == ranks[1]["steps"]
-        == train["metrics"]["steps"]
-        == one["stages"]["train"]["metrics"]["steps"]
-    )
-    assert ranks[0]["weights"] == ranks[1]["weights"], "both processes ended with the same weights"
-    examples = two["stages"]["template"]["metrics"]["train_rows"] * 2  # 2 epochs
-    assert ranks[0]["examples"] + ranks[1]["examples"] == examples, "each example trained once per epoch, on one rank"
-    assert min(r["examples"] for r in ranks) >= examples // 2 - 2, "the work was shared"
+@pytest.fixture(scope="module")
+def one_process(prefect_harness, tiny_model: Path, workspace: Path) -> dict:
+    return finetune(tiny_spec(tiny_model, workspace, {"train": {"batch_size": 4}}))
 
-    # exactly one MLflow run received the 2-process training's metrics
-    client = MlflowClient(two["tracking"]["uri"])
-    runs = client.search_runs([two["tracking"]["experiment_id"]], "metrics.world_size = 2")
-    assert [r.info.run_id for r in runs] == [train["mlflow_run_id"]]
-    losses = client.get_metric_history(train["mlflow_run_id"], "loss")
-    assert sorted(m.step for m in losses) == list(range(1, int(train["metrics"]["steps"]) + 1))
 
-    # same examples per step, same order: the same training as one process, to float rounding
-    single = {m.step: m.value for m in MlflowClient(one["tracking"]["uri"]).get_metric_history(
-        one["stages"]["train"]["mlflow_run_id"], "loss")}  # fmt: skip
-    for m in losses:
-        assert m.value == pytest.approx(single[m.step], rel=1e-3), f"step {m.step}"
+def assert_same_training(one: dict, two: dict) -> None:
+    """`two` (2 processes x 2 examples) trained as `one` (1 process x 4) did, to float rounding."""
+    single, double = loss_curve(one), loss_curve(two)
+    assert sorted(double) == list(range(1, int(two["stages"]["train"]["metrics"]["steps"]) + 1))
+    for step, value in double.items():
+        assert value == pytest.approx(single[step], rel=1e-3), f"step {step}"
     a, b = adapter(one), adapter(two)
     assert a.keys() == b.keys()
     for name in a:
@@ -65,8 +67,39 @@ def test_ddp_two_torchrun_processes_train_in_lockstep_and_match_one_process(one_
     assert any(t.abs().max() > 0 for n, t in b.items() if "lora_B" in n), "it trained"
 
 
-def test_ddp_a_killed_rank_fails_the_stage_and_the_retry_resumes(prefect_harness, tiny_model, tmp_path, monkeypatch):
-    spec = tiny_spec(tiny_model, tmp_path / "workspace", {"train": {"batch_size": 2, "num_processes": 2}})
+@pytest.mark.parametrize("mode", list(TWO_PROCESSES))
+def test_distributed_two_torchrun_processes_train_in_lockstep_and_match_one_process(
+    one_process, tiny_model, workspace, mode
+):
+    two = finetune(tiny_spec(tiny_model, workspace, {"train": TWO_PROCESSES[mode]}))
+
+    assert two["stages"]["tokenize"]["reused"], "only the train stage differs"
+    train = two["stages"]["train"]
+    ranks = train["info"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["steps"] == ranks[1]["steps"] == train["metrics"]["steps"] == one_process["stages"]["train"][
+        "metrics"]["steps"]  # fmt: skip
+    if mode == "ddp":  # every process holds the whole model; FSDP and ZeRO-3 hold parts
+        assert ranks[0]["weights"] == ranks[1]["weights"], "both processes ended with the same weights"
+    examples = two["stages"]["template"]["metrics"]["train_rows"] * 2  # 2 epochs
+    assert ranks[0]["examples"] + ranks[1]["examples"] == examples, "each example trained once per epoch, on one rank"
+    assert min(r["examples"] for r in ranks) >= examples // 2 - 2, "the work was shared"
+
+    # exactly one MLflow run received the 2-process training's metrics: process 0's
+    client = MlflowClient(two["tracking"]["uri"])
+    runs = client.search_runs(
+        [two["tracking"]["experiment_id"]],
+        f"metrics.world_size = 2 and params.distributed = '{mode}' and params.nnodes = '1'",
+    )
+    assert [r.info.run_id for r in runs] == [train["mlflow_run_id"]]
+    assert_same_training(one_process, two)
+
+
+@pytest.mark.parametrize("mode", list(TWO_PROCESSES))
+def test_distributed_a_killed_rank_fails_the_stage_and_the_retry_resumes(
+    prefect_harness, tiny_model, tmp_path, monkeypatch, mode
+):
+    spec = tiny_spec(tiny_model, tmp_path / "workspace", {"train": TWO_PROCESSES[mode]})
     spec.train.save_steps = 2
     spec.retries.train.delay_seconds = 0
     monkeypatch.setenv("TUNEFACTORY_FAULT_KILL_AT_STEP", "4")  # rank 1 SIGKILLs itself after step 4
@@ -78,8 +111,30 @@ def test_ddp_a_killed_rank_fails_the_stage_and_the_retry_resumes(prefect_harness
     assert train["info"]["resumed_from_step"] == 4
     ranks = train["info"]["ranks"]
     assert ranks[0]["steps"] == ranks[1]["steps"] == train["metrics"]["steps"] > 4
-    assert ranks[0]["weights"] == ranks[1]["weights"]
     client = MlflowClient(result["tracking"]["uri"])
     history = client.get_metric_history(train["mlflow_run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, int(train["metrics"]["steps"]) + 1)), "one curve"
     assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
+    assert history[-1].value < history[0].value, "it went on learning after the resume"
+
+
+def test_distributed_two_nodes_joined_by_train_node_train_as_one(one_process, tiny_model, workspace):
+    """nnodes 2 on loopback: the train task is node 0, `tunefactory train-node` node 1."""
+    changes = {"batch_size": 2, "nnodes": 2, "rendezvous": f"127.0.0.1:{free_port()}"}
+    spec = tiny_spec(tiny_model, workspace, {"train": changes})
+    node = subprocess.Popen(
+        [Path(sys.executable).parent / "tunefactory", "train-node", "--workspace", str(workspace),
+         "--node-rank", "1", "--timeout", "600"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        two = finetune(spec)
+        output, _ = node.communicate(timeout=120)
+    finally:
+        node.kill()
+    assert node.returncode == 0, output
+    assert "node 1 of 2 joining at 127.0.0.1" in output
+    ranks = two["stages"]["train"]["info"]["ranks"]
+    assert [r["rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    assert_same_training(one_process, two)

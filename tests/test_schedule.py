@@ -267,8 +267,12 @@ def test_schedule_on_kubernetes_gpu_pool_template_renders_a_one_gpu_job(ui_serve
     assert created.status_code == 201, created.text
     variables = template["variables"]["properties"]
     defaults = {name: field["default"] for name, field in variables.items() if "default" in field}
-    job = apply_values(template["job_configuration"], {**defaults, "name": "nightly", "command": "python -m x"})
+    # labels reach the pod too: a Service selects node 0 of a multi-node train stage by them
+    labels = {"tunefactory/train-node": "0"}
+    values = {**defaults, "name": "nightly", "command": "python -m x", "labels": labels}
+    job = apply_values(template["job_configuration"], values)
     assert "{{" not in json.dumps(job), "every placeholder has a declared variable"
+    assert job["job_manifest"]["spec"]["template"]["metadata"]["labels"] == labels
     container = job["job_manifest"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert job["job_manifest"]["spec"]["template"]["spec"]["volumes"][0]["persistentVolumeClaim"]["claimName"]

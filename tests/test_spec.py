@@ -72,6 +72,27 @@ def test_defaults_form_a_valid_spec():
             {"train": {"stage": "dpo", "num_processes": 2}},
             "train: num_processes: several processes train the pt and sft stages; stage 'dpo' trains in one process",
         ),
+        (
+            {"train": {"distributed": "fsdp"}},
+            "train: distributed: fsdp shares training across processes; set num_processes (or nnodes) above 1",
+        ),
+        (
+            {"train": {"num_processes": 2, "deepspeed_config": "zero3.json"}},
+            "train: deepspeed_config is only read with distributed: deepspeed",
+        ),
+        (
+            {"train": {"num_processes": 2, "distributed": "deepspeed", "deepspeed_config": "no/such.json"}},
+            "train: deepspeed_config no/such.json: cannot be read (No such file or directory)",
+        ),
+        (
+            {"train": {"nnodes": 2}},
+            "train: nnodes 2 needs rendezvous: host:port of node 0, which every node can reach (got None)",
+        ),
+        ({"train": {"rendezvous": "head:29500"}}, "train: rendezvous is only read with nnodes above 1"),
+        (
+            {"train": {"num_processes": 2, "distributed": "fsdp", "compute_type": "fp16"}},
+            "train: distributed: fsdp trains in bf16 or fp32, not compute_type fp16",
+        ),
     ],
 )
 def test_bad_spec_names_key_value_and_what_is_allowed(data: dict, expected: str):
@@ -177,3 +198,34 @@ def test_a_spec_dumped_with_every_default_validates_again(data: dict):
     """The Prefect UI's form and a deployment send every key, defaults included."""
     spec = validate_spec(data)
     assert validate_spec(spec.model_dump(mode="json")) == spec
+
+
+def test_a_deepspeed_config_may_not_override_what_the_train_section_sets(tmp_path: Path):
+    settings = tmp_path / "zero.json"
+    settings.write_text('{"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": 8}')
+    train = {"num_processes": 2, "distributed": "deepspeed", "deepspeed_config": str(settings)}
+    with pytest.raises(SpecError) as error:
+        validate_spec({"train": train})
+    owner = 'comes from train.gradient_accumulation_steps; write "auto" or leave it out'
+    assert f"deepspeed_config {settings}: 'gradient_accumulation_steps' {owner}" in str(error.value)
+
+    # "auto" leaves it to the spec; the shipped examples are valid
+    settings.write_text('{"zero_optimization": {"stage": 3}, "gradient_accumulation_steps": "auto"}')
+    assert validate_spec({"train": train}).train.deepspeed_settings() == {"zero_optimization": {"stage": 3}}
+    for shipped in sorted((DEPLOYMENTS / "deepspeed").glob("*.json")):
+        spec = validate_spec({"train": {**train, "deepspeed_config": str(shipped)}})
+        assert spec.train.deepspeed_settings()["zero_optimization"]["stage"] in (2, 3)
+
+
+def test_the_kubernetes_train_nodes_job_runs_a_train_node_command_the_cli_accepts():
+    from flows.cli import command_train_node, parser
+
+    documents = list(yaml.safe_load_all((DEPLOYMENTS / "kubernetes" / "train-nodes.yaml").read_text()))
+    service, job = documents
+    assert service["spec"]["selector"] == {"tunefactory/train-node": "0"}
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    exec_, *command = container["args"][0].replace("$((JOB_COMPLETION_INDEX + 1))", "1").split()
+    assert exec_ == "exec" and command[0] == ".venv/bin/tunefactory"
+    args = parser().parse_args(command[1:])
+    assert args.handler is command_train_node and args.node_rank == 1
+    assert args.workspace == container["volumeMounts"][0]["mountPath"]
