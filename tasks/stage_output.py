@@ -4,10 +4,15 @@ A stage writes into `<workspace>/stages/<stage>/<key>.partial/`, and only a comp
 renamed to `<workspace>/stages/<stage>/<key>/` with a `manifest.json` listing every file's
 sha256. A later run with the same key reuses that directory after checking the hashes; a
 missing or altered file makes the stage run again.
+
+Hashing a model's weights on every reuse costs seconds per gigabyte, so, as git's index does,
+a file whose hash has matched is remembered by its size, modification time and inode
+(`.verified.json`); while those are unchanged it is not read again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +29,10 @@ from tasks.tracking import StageRun, Tracking, record_reused_stage, stage_run
 
 PARTIAL_SUFFIX = ".partial"
 MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"
+# a file modified this recently could change again within the clock's resolution without its
+# stamp changing: it is hashed until it is older than this
+SETTLED_NS = 2_000_000_000
 
 
 class StageResult(BaseModel):
@@ -117,17 +126,41 @@ def stage_dir(workspace: Path, stage: str, key: str) -> Path:
     return workspace / "stages" / stage / key
 
 
+def file_stamp(path: Path) -> list[int]:
+    """Size, modification time and inode: what changes when a file is rewritten or replaced."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns, status.st_ino]
+
+
 def load_finished(workspace: Path, stage: str, key: str) -> Manifest | None:
-    """The manifest of a finished output whose files all match their hashes, else None."""
+    """The manifest of a finished output whose files all match their hashes, else None.
+
+    A file whose stamp is the one recorded when its hash last matched is not hashed again.
+    """
     directory = stage_dir(workspace, stage, key)
     try:
         manifest = Manifest.model_validate_json((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+    try:
+        known = json.loads((directory / VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = {}
+    verified = {}
     for relative, expected in manifest.files.items():
         file = directory / relative
-        if not file.is_file() or sha256_file(file) != expected:
+        if not file.is_file():
             return None
+        stamp = file_stamp(file)
+        if known.get(relative) != stamp and sha256_file(file) != expected:
+            return None
+        if time.time_ns() - stamp[1] > SETTLED_NS:
+            verified[relative] = stamp
+    if verified != known:
+        with contextlib.suppress(OSError):  # a read-only workspace is hashed every time, nothing worse
+            partial = directory / f"{VERIFIED}.{os.getpid()}"
+            partial.write_text(json.dumps(verified))
+            os.replace(partial, directory / VERIFIED)
     return manifest.model_copy(update={"output_dir": str(directory)})
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
 
+from tasks import stage_output
 from tasks.stage_output import StageResult, build_output, cache_key, load_finished
 
 
@@ -46,3 +49,39 @@ def test_a_failed_build_publishes_nothing(tmp_path: Path):
         build_output(tmp_path, "stage", "key", crash)
     assert load_finished(tmp_path, "stage", "key") is None
     assert not (tmp_path / "stages" / "stage" / "key").exists()
+
+
+def test_a_verified_file_is_not_read_again_until_it_changes(tmp_path: Path, monkeypatch):
+    manifest = build_output(tmp_path, "stage", "key", write_two_files)
+    settled = time.time() - 60  # written a minute ago: past the clock's resolution
+    for file in manifest.files:
+        os.utime(manifest.path / file, (settled, settled))
+    hashed = []
+    real_hash = stage_output.sha256_file
+    monkeypatch.setattr(stage_output, "sha256_file", lambda path: hashed.append(path.name) or real_hash(path))
+
+    assert load_finished(tmp_path, "stage", "key") is not None
+    assert sorted(hashed) == ["a.txt", "b.bin"], "the first reuse hashes every file"
+    hashed.clear()
+    assert load_finished(tmp_path, "stage", "key") is not None
+    assert hashed == [], "unchanged files are trusted by their stamps"
+
+    # same size, new content, its time set back: the inode and time still differ from the stamp
+    big = manifest.path / "sub" / "b.bin"
+    replacement = big.with_name("b.new")
+    replacement.write_bytes(b"\x01" * 1000)
+    os.utime(replacement, (settled, settled))
+    os.replace(replacement, big)
+    assert load_finished(tmp_path, "stage", "key") is None
+    assert hashed == ["b.bin"]
+
+
+def test_a_file_written_just_now_is_hashed_on_every_reuse(tmp_path: Path, monkeypatch):
+    """Within the clock's resolution an edit may keep size and time: such a file is not trusted yet."""
+    build_output(tmp_path, "stage", "key", write_two_files)
+    hashed = []
+    real_hash = stage_output.sha256_file
+    monkeypatch.setattr(stage_output, "sha256_file", lambda path: hashed.append(path.name) or real_hash(path))
+    for _ in range(2):
+        assert load_finished(tmp_path, "stage", "key") is not None
+    assert sorted(hashed) == ["a.txt", "a.txt", "b.bin", "b.bin"]
