@@ -164,8 +164,7 @@ class Engine:
         """A fingerprint of this process's trainable weights."""
         digest = hashlib.sha256()
         for p in self.params:
-            local = p.to_local() if hasattr(p, "to_local") else p  # a shard, under FSDP
-            digest.update(local.detach().float().cpu().numpy().tobytes())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
 
