@@ -104,13 +104,15 @@ def _build(config: TrainSpec, worker: dict[str, Any], out: Path, run: StageRun, 
             logger.debug("%s: %s", kind, event)
 
     started = time.time()
-    if config.nnodes > 1:  # what `tunefactory train-node` waits for on the other nodes
-        announce_training(workspace, out / "train_config.json", config.num_processes, config.nnodes, config.rendezvous)
+    config_path = out / "train_config.json"
+    config_path.write_text(json.dumps(worker, indent=2))
+    if config.nnodes > 1:  # what `tunefactory train-node` waits for, announced once its config is whole
+        announce_training(workspace, config_path, config.num_processes, config.nnodes, config.rendezvous)
         logger.info("waiting for %d more nodes to join at %s", config.nnodes - 1, config.rendezvous)
     run_worker(
         "tasks.train_worker" if config.stage in OWN_LOOP_STAGES else "tasks.trl_worker",
-        worker,
-        out / "train_config.json",
+        None,  # written above
+        config_path,
         on_event,
         on_output=logger.info,
         torchrun=torchrun_arguments(config.num_processes, config.nnodes, config.rendezvous, node_rank=0),
