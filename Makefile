@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= deployments/self_cognition.yaml
 WORKSPACE ?= workspace
 
-.PHONY: install chromium demo test test-fast bench lint format ui ui-stop clean
+.PHONY: install chromium demo test test-fast bench bench-data lint format ui ui-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -43,6 +43,12 @@ test-fast: install
 # (about 25 minutes on 2 cores), or the two GPU cases where CUDA is present
 bench: install
 	$(VENV)/bin/python -m tasks.bench_train --root $(WORKSPACE)/bench
+
+# Templating and tokenizing a generated 200,000-row multi-turn chat set with `tunefactory prepare`,
+# against TRL's SFTTrainer preparing the same rows (tasks/bench_data.py); ROWS="200000 1000000" for more
+ROWS ?= 200000
+bench-data: install
+	$(VENV)/bin/python -m tasks.bench_data --root $(WORKSPACE)/bench-data $(foreach n,$(ROWS),--rows $(n))
 
 lint: install
 	$(VENV)/bin/ruff check .

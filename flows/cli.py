@@ -3,6 +3,7 @@
     tunefactory run deployments/self_cognition.yaml [--set train.learning_rate=1e-4 ...]
     tunefactory serve deployments/self_cognition.yaml --cron "0 2 * * *"
     tunefactory preview deployments/self_cognition.yaml
+    tunefactory prepare deployments/self_cognition.yaml   (the data stages alone)
     tunefactory chat workspace/models/self-cognition
     tunefactory validate SPEC | tunefactory schema
     tunefactory ui start | stop   (`make ui`, `make ui-stop`)
@@ -30,12 +31,14 @@ EXIT_USER_ERROR = 2
 
 
 def check_inputs(spec: PipelineSpec) -> None:
-    """Read every dataset and the model source the spec names, so mistakes surface before stage one."""
+    """Read the model source, every dataset's first rows and the evaluation sets the spec names,
+    so that mistakes surface before stage one (the template stage reads every row)."""
     from flows.spec import STAGE_DATA
+    from tasks.chat_encoding import template_supports_tools
     from tasks.dataset_registry import DataError
     from tasks.evaluate import eval_prompts
-    from tasks.materialize_model import source_fingerprint
-    from tasks.template_dataset import templated_examples
+    from tasks.materialize_model import model_chat_template, source_fingerprint
+    from tasks.template_dataset import peek_examples
 
     source_fingerprint(spec.model.name_or_path)
     for plan in spec.training_plan():
@@ -43,13 +46,22 @@ def check_inputs(spec: PipelineSpec) -> None:
         section = "train" if plan.name == "train" else f"then.{plan.name}"
         key = "dataset.names" if plan.config.datasets is None else f"{section}.datasets"
         try:
-            examples, _ = templated_examples(
-                data.names, data.registry, data.template_vars, data.max_samples, STAGE_DATA[plan.config.stage]
-            )
+            examples, sources = peek_examples(
+                data.names, data.registry, data.template_vars, STAGE_DATA[plan.config.stage],
+                max_samples=data.max_samples, skip_bad_rows=data.on_bad_row == "skip", seed=data.seed,
+            )  # fmt: skip
         except DataError as exc:
             raise DataError(f"{key} (read by stage {plan.config.stage}): {exc}") from None
-        if not examples:
+        if not any(source["rows"] for source in sources):
             raise SpecError(f"{key}: {', '.join(data.names)} hold no rows")
+        if any(e.get("tools") or any("tool_calls" in m for m in e.get("messages", [])) for e in examples):
+            template = spec.model.template_text() or model_chat_template(spec.model.name_or_path)
+            if template is not None and not template_supports_tools(template):
+                which = spec.model.chat_template or f"the chat template of {spec.model.name_or_path}"
+                raise SpecError(
+                    f"{key}: the data holds tools or function calls, and {which} cannot render them; "
+                    "set model.chat_template: chatml_tools (or a .jinja file that renders tools and tool_calls)"
+                )
     eval_prompts(spec.evaluate.identity_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
     eval_prompts(spec.evaluate.control_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
 
@@ -153,13 +165,15 @@ def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    """Run the pipeline (`run`), or only its data stages (`prepare`: model, templating, tokenization)."""
     spec = load_spec(args.spec, args.set)
     server = connect_prefect(spec)
     check_inputs(spec)
-    from flows.pipeline import finetune
+    from flows.pipeline import finetune, prepare
 
     ready_to_run(spec, server)
-    state = finetune(spec, return_state=True)
+    pipeline = prepare if args.command == "prepare" else finetune
+    state = pipeline(spec, return_state=True)
     flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
@@ -167,7 +181,7 @@ def command_run(args: argparse.Namespace) -> int:
         print(
             f"\ntunefactory: the pipeline run {flow_run_id} {state.name.lower()}: {reason}\n"
             "Finished stages are kept. To continue at the failed stage, run the same command again, or:\n"
-            f"  prefect flow-run retry {flow_run_id} --entrypoint flows/pipeline.py:finetune",
+            f"  prefect flow-run retry {flow_run_id} --entrypoint flows/pipeline.py:{pipeline.fn.__name__}",
             file=sys.stderr,
         )
         return 1
@@ -211,17 +225,22 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_preview(args: argparse.Namespace) -> int:
-    from tasks.template_dataset import preview_rows, split_examples, templated_examples
+    """The first rows as the template stage writes them, for the spec's first training stage."""
+    from flows.spec import STAGE_DATA
+    from tasks.template_dataset import peek_examples, preview_rows
 
     spec = load_spec(args.spec, args.set)
-    examples, sources = templated_examples(
-        spec.dataset.names, spec.dataset.registry, spec.dataset.template_vars, spec.dataset.max_samples
-    )
-    train, val = split_examples(examples, spec.dataset.val_size, spec.dataset.shuffle, spec.dataset.seed)
+    data, kind = spec.data_for(spec.train), STAGE_DATA[spec.train.stage]
+    examples, sources = peek_examples(
+        data.names, data.registry, data.template_vars, kind, rows=max(args.rows, 1) * 20,
+        max_samples=data.max_samples,
+        skip_bad_rows=data.on_bad_row == "skip", seed=data.seed,
+    )  # fmt: skip
     for source in sources:
-        print(f"{source['name']}: {source['rows']} rows from {source['file']}")
-    print(f"{len(train)} training rows, {len(val)} validation rows; the first {args.rows}:\n")
-    for row in preview_rows(train, args.rows):
+        skipped = f", {source['skipped_in_first']} of the first rows skipped" if source["skipped_in_first"] else ""
+        print(f"{source['name']}: {source['file']}, first {source['rows']} rows read{skipped}")
+    print(f"{kind} examples for stage {spec.train.stage}; the first {args.rows} of the first rows of each dataset:\n")
+    for row in preview_rows(examples, args.rows):
         print(f"[{row.pop('dataset')} #{row.pop('row')}]")
         for role, text in row.items():
             print(f"  {role:>9}: {text}")
@@ -386,6 +405,9 @@ def parser() -> argparse.ArgumentParser:
         return sub
 
     with_spec("run", "run the pipeline").set_defaults(handler=command_run)
+    with_spec(
+        "prepare", "build the base model and the templated and tokenized data only (a later run reuses them)"
+    ).set_defaults(handler=command_run)
     serve = with_spec("serve", "run the pipeline on a schedule from this process, until stopped")
     when = serve.add_mutually_exclusive_group(required=True)
     when.add_argument("--cron", help='a cron schedule, e.g. "0 2 * * *" for 02:00 every night')

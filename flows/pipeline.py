@@ -20,7 +20,7 @@ from typing import Any
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from flows.spec import STAGE_DATA, PipelineSpec, StageRetry
+from flows.spec import STAGE_DATA, PipelineSpec, PlannedStage, StageRetry
 from tasks.evaluate import evaluate_model
 from tasks.export import merge_and_export
 from tasks.lineage import dataset_inputs
@@ -36,21 +36,32 @@ def retrying(stage: Task, retry: StageRetry) -> Task:
     return stage.with_options(retries=retry.retries, retry_delay_seconds=retry.delay_seconds)
 
 
+def prepare_data(
+    spec: PipelineSpec, plan: PlannedStage, base: Manifest, workspace: Path, tracking: Tracking,
+    stages: dict[str, Manifest],
+) -> Manifest:  # fmt: skip
+    """Template and tokenize one training stage's data; the tokenized manifest."""
+    retry = spec.retries
+    templated = retrying(template_dataset, retry.template)(
+        spec.data_for(plan.config), workspace, tracking, STAGE_DATA[plan.config.stage], plan.name,
+        spec.tokenize.num_proc,
+    )  # fmt: skip
+    tokenized = retrying(tokenize_dataset, retry.tokenize)(
+        spec.tokenize, templated, base, workspace, tracking, plan.name
+    )
+    log_pipeline_datasets(tracking, dataset_inputs(templated, tokenized, plan.name))
+    stages[stage_id("template", plan.name)], stages[stage_id("tokenize", plan.name)] = templated, tokenized
+    return tokenized
+
+
 def train_chain(
     spec: PipelineSpec, base: Manifest, workspace: Path, tracking: Tracking, stages: dict[str, Manifest]
 ) -> str:
     """Template, tokenize and train each training stage in order; the name of the last that made a language model."""
-    retry, policy = spec.retries, ""
+    policy = ""
     for plan in spec.training_plan():
-        templated = retrying(template_dataset, retry.template)(
-            spec.data_for(plan.config), workspace, tracking, STAGE_DATA[plan.config.stage], plan.name
-        )
-        tokenized = retrying(tokenize_dataset, retry.tokenize)(
-            spec.tokenize, templated, base, workspace, tracking, plan.name
-        )
-        log_pipeline_datasets(tracking, dataset_inputs(templated, tokenized, plan.name))
-        stages[stage_id("template", plan.name)], stages[stage_id("tokenize", plan.name)] = templated, tokenized
-        stages[stage_id("train", plan.name)] = retrying(train_model, retry.train)(
+        tokenized = prepare_data(spec, plan, base, workspace, tracking, stages)
+        stages[stage_id("train", plan.name)] = retrying(train_model, spec.retries.train)(
             plan.config,
             tokenized,
             base,
@@ -64,16 +75,11 @@ def train_chain(
     return policy
 
 
-@flow(name="finetune", flow_run_name="{spec.name}")
-def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[str, Any]:
-    """Fine-tune, evaluate and export a model as the spec describes.
-
-    `labels` become tags of the pipeline's MLflow run (a sweep marks its variants with them).
-    """
-    workspace = Path(spec.workspace).resolve()
-    tracking = start_pipeline_run(
+def start_run(spec: PipelineSpec, labels: dict[str, str] | None) -> Tracking:
+    """The pipeline's MLflow parent run, tagged with the Prefect flow run and the spec."""
+    return start_pipeline_run(
         spec.name,
-        workspace,
+        Path(spec.workspace).resolve(),
         spec.model_dump(mode="json"),
         tags={
             "prefect_flow_run_id": str(flow_run.id),
@@ -83,14 +89,49 @@ def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[s
             **(labels or {}),
         },
     )
+
+
+def materialize(spec: PipelineSpec, workspace: Path, tracking: Tracking) -> Manifest:
+    base = retrying(materialize_base_model, spec.retries.model)(
+        spec.model.name_or_path, spec.model.trust_remote_code, workspace, tracking, spec.model.template_text()
+    )
+    tag_pipeline_run(tracking, {"base_model": spec.model.name_or_path, "base_model_digest": base.info["source_digest"]})
+    return base
+
+
+@flow(name="prepare-data", flow_run_name="{spec.name}: data")
+def prepare(spec: PipelineSpec) -> dict[str, Any]:
+    """The pipeline's first stages alone: base model, then each training stage's templated and
+    tokenized data, built once and reused by a later `tunefactory run` of the same spec."""
+    workspace = Path(spec.workspace).resolve()
+    tracking = start_run(spec, {"prepare_only": "true"})
+    stages: dict[str, Manifest] = {}
+    try:
+        stages["model"] = base = materialize(spec, workspace, tracking)
+        for plan in spec.training_plan():
+            prepare_data(spec, plan, base, workspace, tracking, stages)
+    except BaseException:
+        end_pipeline_run(tracking, succeeded=False)
+        raise
+    end_pipeline_run(tracking, succeeded=True)
+    return {
+        "flow_run_id": str(flow_run.id),
+        "tracking": tracking.model_dump(),
+        "stages": {k: v.model_dump() for k, v in stages.items()},
+    }
+
+
+@flow(name="finetune", flow_run_name="{spec.name}")
+def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """Fine-tune, evaluate and export a model as the spec describes.
+
+    `labels` become tags of the pipeline's MLflow run (a sweep marks its variants with them).
+    """
+    workspace = Path(spec.workspace).resolve()
+    tracking = start_run(spec, labels)
     stages, retry = {}, spec.retries
     try:
-        stages["model"] = base = retrying(materialize_base_model, retry.model)(
-            spec.model.name_or_path, spec.model.trust_remote_code, workspace, tracking
-        )
-        tag_pipeline_run(
-            tracking, {"base_model": spec.model.name_or_path, "base_model_digest": base.info["source_digest"]}
-        )
+        stages["model"] = base = materialize(spec, workspace, tracking)
         policy = train_chain(spec, base, workspace, tracking, stages)
         if policy:  # evaluate and export the final language model
             trained = stages[stage_id("train", policy)]

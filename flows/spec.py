@@ -45,6 +45,36 @@ class ModelSpec(Section):
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model's repository to run (off by default)."
     )
+    chat_template: str | None = Field(
+        None,
+        description="The chat template every stage renders with, and the exported model keeps: the name of one "
+        "in data/chat_templates/ (chatml_tools: ChatML with tools and function calls) or a path to a .jinja "
+        "file. Default: the model's own.",
+    )
+
+    @field_validator("chat_template")
+    @classmethod
+    def _known_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            chat_template_text(value)  # raises with what is allowed
+        return value
+
+    def template_text(self) -> str | None:
+        """The chat_template's text, or None for the model's own."""
+        return None if self.chat_template is None else chat_template_text(self.chat_template)
+
+
+CHAT_TEMPLATES = Path(__file__).resolve().parents[1] / "data" / "chat_templates"
+
+
+def chat_template_text(name_or_path: str) -> str:
+    """A chat template's text: a shipped one by name, or a .jinja file."""
+    shipped = CHAT_TEMPLATES / f"{name_or_path}.jinja"
+    path = shipped if shipped.is_file() else Path(name_or_path)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CHAT_TEMPLATES.glob("*.jinja")))
+        raise ValueError(f"{name_or_path!r} is neither a shipped chat template ({known}) nor a .jinja file")
+    return path.read_text(encoding="utf-8")
 
 
 class DatasetSpec(Section):
@@ -61,7 +91,9 @@ class DatasetSpec(Section):
     template_vars: dict[str, str] = Field(
         default_factory=lambda: {"name": "Nova", "author": "Acme Labs"},
         description="Values for the placeholders in the data: <NAME> and {{name}} both take "
-        "template_vars.name (keys are case-insensitive). Inserted literally.",
+        "template_vars.name (keys are case-insensitive). Inserted literally. <NAME>/<AUTHOR> without a "
+        "value are an error; any other key given here makes <KEY> and {{key}} placeholders too, and "
+        "other <MASK>-like text stays as it is.",
     )
     max_samples: int | None = Field(
         None, ge=1, description="Keep at most this many rows of each dataset (before the split)."
@@ -70,6 +102,11 @@ class DatasetSpec(Section):
     seed: int = Field(42, description="Seed for shuffling and the train/validation split.")
     val_size: float = Field(0.1, ge=0.0, lt=1.0, description="Fraction of rows held out for validation loss.")
     preview_rows: int = Field(5, ge=0, description="Rows shown by 'tunefactory preview' and logged.")
+    on_bad_row: Literal["error", "skip"] = Field(
+        "error",
+        description="A row that cannot be read: error stops the run before training, naming the dataset, row "
+        "and reason; skip leaves it out and counts it per reason (log, MLflow metrics, preview).",
+    )
 
     @field_validator("template_vars")
     @classmethod
@@ -81,6 +118,12 @@ class TokenizeSpec(Section):
     cutoff_len: int = Field(512, ge=16, description="Truncate each example to this many tokens.")
     train_on_prompt: bool = Field(
         False, description="Also compute the loss on system and user turns (default: assistant only)."
+    )
+    num_proc: int | None = Field(
+        None,
+        ge=1,
+        description="Processes that template and tokenize a large dataset (default: the cores this process may "
+        "use); it changes how fast, not what is written.",
     )
 
 

@@ -74,17 +74,17 @@ def prepare_cpu_case(root: Path) -> dict[str, Any]:
     """SmolLM2-135M-Instruct and the demo's data, tokenized as the pipeline does it."""
     from transformers import AutoTokenizer
 
+    from tasks.chat_encoding import tokenize_examples
     from tasks.evaluate import eval_prompts
     from tasks.materialize_model import convert_gguf, packaged_gguf
-    from tasks.template_dataset import split_examples, templated_examples
-    from tasks.tokenize_dataset import tokenize_examples
+    from tasks.template_dataset import peek_examples, split_examples
 
     spec = load_spec(REPO / "deployments" / "self_cognition.yaml")
     model_dir = root / "smollm2-135m-instruct"
     if not (model_dir / "config.json").is_file():
         convert_gguf(packaged_gguf(spec.model.name_or_path), model_dir)
     data = spec.dataset
-    examples, _ = templated_examples(data.names, data.registry, data.template_vars, data.max_samples)
+    examples, _ = peek_examples(data.names, data.registry, data.template_vars, rows=None, max_samples=data.max_samples)
     train, _ = split_examples(examples, data.val_size, data.shuffle, data.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     columns, _ = tokenize_examples(tokenizer, train, spec.tokenize.cutoff_len, spec.tokenize.train_on_prompt)

@@ -16,11 +16,12 @@ from prefect import get_run_logger, task
 
 from flows.spec import EvaluateSpec
 from tasks.child_process import run_worker
-from tasks.dataset_registry import read_rows, resolve_dataset
+from tasks.dataset_registry import resolve_eval_set
+from tasks.dataset_rows import fill_placeholders
+from tasks.dataset_sources import load_source, source_record
 from tasks.materialize_model import base_model_path
 from tasks.prefect_artifacts import publish_evaluation
-from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
-from tasks.template_dataset import fill_placeholders
+from tasks.stage_output import Manifest, StageResult, code_version, run_stage
 from tasks.tracking import StageRun, Tracking
 
 HERE = Path(__file__).resolve().parent
@@ -29,13 +30,16 @@ HERE = Path(__file__).resolve().parent
 def eval_prompts(
     name: str | None, registry: str | None, template_vars: dict[str, str], keep: tuple[str, ...]
 ) -> list[dict[str, Any]]:
-    """Rows of an evaluation set with placeholders filled: prompt plus the fields in `keep`."""
+    """Rows of an evaluation set with placeholders filled: prompt plus the fields in `keep`.
+
+    The set is looked up in the spec's registry, then in the project's (`resolve_eval_set`).
+    """
     if name is None:
         return []
-    entry = resolve_dataset(name, registry)
+    entry = resolve_eval_set(name, registry)
     prompt_key, reference_key = entry.column("prompt"), entry.column("response")
     rows = []
-    for index, row in enumerate(read_rows(entry)):
+    for index, row in enumerate(load_source(entry)):
         where = f"dataset {name!r} ({entry.file}), row {index}"
         item = {"prompt": fill_placeholders(str(row.get(prompt_key, "")), template_vars, where)}
         if "reference" in keep:
@@ -123,12 +127,12 @@ def evaluate_model(
         "compute_type": compute_type,
         "trust_remote_code": base_model.info.get("trust_remote_code", False),
     }
-    sets = [resolve_dataset(n, registry).file for n in (config.identity_prompts, config.control_prompts) if n]
+    sets = [resolve_eval_set(n, registry) for n in (config.identity_prompts, config.control_prompts) if n]
     key_config = {
         **config.model_dump(mode="json"),
         "template_vars": template_vars,
         "compute_type": compute_type,
-        "eval_sets": [sha256_file(file) for file in sets],
+        "eval_sets": [source_record(entry)["sha256"] for entry in sets],
     }
     return run_stage(
         "evaluate",

@@ -65,7 +65,8 @@ def _datasets(run: Run) -> list[dict[str, str]]:
         context = next((t.value for t in item.tags if t.key == "mlflow.data.context"), "")
         source = item.dataset.source
         with contextlib.suppress(ValueError, AttributeError):
-            source = json.loads(source).get("uri", source)
+            where = json.loads(source)
+            source = where.get("uri") or where.get("path") or source
         found.append({"name": item.dataset.name, "digest": item.dataset.digest, "source": source, "context": context})
     return found
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
+import os
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -61,6 +62,22 @@ def source_fingerprint(name_or_path: str) -> dict[str, str]:
     return {"kind": "hub", "repo_id": name_or_path}
 
 
+def model_chat_template(name_or_path: str) -> str | None:
+    """The chat template a model source comes with, read without loading it (None: not known before stage one)."""
+    if name_or_path in PACKAGED:
+        from gguf import GGUFReader
+
+        field = GGUFReader(packaged_gguf(name_or_path)).fields.get("tokenizer.chat_template")
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
+    local = Path(name_or_path).expanduser()
+    if (local / "chat_template.jinja").is_file():
+        return (local / "chat_template.jinja").read_text(encoding="utf-8")
+    if (local / "tokenizer_config.json").is_file():
+        template = json.loads((local / "tokenizer_config.json").read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
 def weights_digest(directory: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted(directory.iterdir()):
@@ -95,8 +112,32 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def with_chat_template(model_path: Path, template: str, out: Path) -> Path:
+    """A view of `model_path` whose tokenizer renders with `template`: links to its files, plus the template.
+
+    The model's own directory is never written to; every later stage and the exported model
+    read the tokenizer from here, so they all render the same way.
+    """
+    view = out / "model-chat-template"
+    view.mkdir()
+    for file in model_path.iterdir():
+        if file.is_file() and file.name not in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+            (view / file.name).symlink_to(os.path.relpath(file.resolve(), view.resolve()))
+    config_file = model_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config.pop("chat_template", None)
+    (view / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (view / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return view
+
+
 def _build(
-    name_or_path: str, fingerprint: dict[str, str], trust_remote_code: bool, out: Path, run: StageRun
+    name_or_path: str,
+    fingerprint: dict[str, str],
+    trust_remote_code: bool,
+    chat_template: str | None,
+    out: Path,
+    run: StageRun,
 ) -> StageResult:
     logger = get_run_logger()
     if fingerprint["kind"] == "packaged":
@@ -116,6 +157,8 @@ def _build(
             snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
         )
         source_digest = weights_digest(model_path)
+    if chat_template is not None:
+        model_path = with_chat_template(model_path, chat_template, out)
     (out / "source.json").write_text(json.dumps({"name_or_path": name_or_path, **fingerprint}, indent=2))
     config = json.loads((model_path / "config.json").read_text())
     info = {
@@ -131,20 +174,26 @@ def _build(
 
 
 @task(name="materialize-base-model", task_run_name="materialize base model")
-def materialize_base_model(name_or_path: str, trust_remote_code: bool, workspace: Path, tracking: Tracking) -> Manifest:
+def materialize_base_model(
+    name_or_path: str, trust_remote_code: bool, workspace: Path, tracking: Tracking, chat_template: str | None = None
+) -> Manifest:
     """Resolve the base model to a local safetensors directory; its path is in info.model_path.
 
     info.trust_remote_code carries the spec's choice to every stage that loads the model.
+    chat_template: a template's text that replaces the model's own (model.chat_template).
     """
     fingerprint = source_fingerprint(name_or_path)
+    config = {"name_or_path": name_or_path, "source": fingerprint, "trust_remote_code": trust_remote_code}
+    if chat_template is not None:  # absent otherwise, so that existing outputs keep their keys
+        config["chat_template"] = chat_template
     return run_stage(
         "model",
-        {"name_or_path": name_or_path, "source": fingerprint, "trust_remote_code": trust_remote_code},
+        config,
         [],
         code_version(__file__),
         workspace,
         tracking,
-        lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, out, run),
+        lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, chat_template, out, run),
     )
 
 

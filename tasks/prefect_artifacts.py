@@ -29,10 +29,11 @@ def artifact_key(what: str) -> str:
     return "-".join(part for part in cleaned.split("-") if part)
 
 
-def publish_preview(rows: list[dict[str, str]]) -> None:
-    create_table_artifact(
-        rows, key=artifact_key("dataset-preview"), description="The first training rows after templating"
-    )
+def publish_preview(rows: list[dict[str, str]], skipped: dict[str, int] | None = None) -> None:
+    description = "The first training rows after templating"
+    if skipped:
+        description += "; skipped rows: " + ", ".join(f"{count} ({reason})" for reason, count in skipped.items())
+    create_table_artifact(rows, key=artifact_key("dataset-preview"), description=description)
 
 
 def publish_token_stats(metrics: dict[str, float]) -> None:

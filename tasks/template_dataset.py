@@ -1,22 +1,29 @@
 """Stage 2: read the registered datasets, fill their placeholders, shuffle, sample and split.
 
-`<NAME>` and `{{name}}` both take `template_vars.name`. Values go in literally: a value that
-itself looks like a placeholder is not substituted again. A placeholder with no value is an
-error naming the dataset, the row and the placeholder.
+The work runs in `tasks/data_worker.py` (a child process streaming the rows through Arrow); this
+task keys, launches and records it. Placeholders are described in `tasks/dataset_rows.py`. A row
+that cannot be read stops the stage with its dataset, row and reason, or, with
+`dataset.on_bad_row: skip`, is skipped and counted per reason (log, MLflow metrics, preview).
+
+`peek_examples` reads the first rows the same way, for `tunefactory preview` and the checks
+made before stage one.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
-import re
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
 from flows.spec import DatasetSpec
-from tasks.dataset_registry import DataError, read_rows, resolve_dataset, to_example
+from tasks.child_process import run_worker
+from tasks.dataset_registry import DataError, resolve_dataset
+from tasks.dataset_rows import check_kind, templated_example
+from tasks.dataset_sources import ROW_COLUMN, load_source, sample_rows, source_record
 from tasks.prefect_artifacts import publish_preview
 from tasks.stage_output import (
     Manifest,
@@ -24,149 +31,157 @@ from tasks.stage_output import (
     code_version,
     published_dir,
     run_stage,
-    sha256_file,
     stage_id,
     stage_run_name,
     tree_digest,
 )
 from tasks.tracking import StageRun, Tracking
 
-PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]*)>|\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+HERE = Path(__file__).resolve().parent
+WORKER_MODULES = ("data_worker", "dataset_registry", "dataset_rows", "dataset_sources", "chat_encoding")
+PEEK_ROWS = 200
 
 
-def fill_placeholders(text: str, values: dict[str, str], where: str) -> str:
-    """Replace `<KEY>` and `{{key}}` with `values[key.lower()]`, in one pass."""
-
-    def substitute(match: re.Match[str]) -> str:
-        key = (match.group(1) or match.group(2)).lower()
-        if key not in values:
-            raise DataError(
-                f"{where}: placeholder {match.group(0)} has no value; "
-                f"set dataset.template_vars.{key} (given: {', '.join(sorted(values)) or 'none'})"
-            )
-        return values[key]
-
-    return PLACEHOLDER.sub(substitute, text)
+def default_num_proc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def fill_example(example: dict[str, Any], values: dict[str, str], where: str) -> dict[str, Any]:
-    """Every text of an example (messages, answers, plain text) with its placeholders filled."""
-    for message in example.get("messages", []):
-        message["content"] = fill_placeholders(message["content"], values, where)
-    for key in ("chosen", "rejected", "text"):
-        if key in example:
-            example[key] = fill_placeholders(example[key], values, where)
-    return example
+def scratch_dir(workspace: Path) -> Path:
+    """Where the data worker's transforms spill while a stage runs (the Arrow conversions of the
+    sources themselves live in the Hugging Face datasets cache, shared with the checks before stage one)."""
+    return workspace / "cache" / "data-worker"
 
 
-def templated_examples(
+def peek_examples(
     names: list[str],
     registry: str | None,
     template_vars: dict[str, str],
-    max_samples: int | None = None,
     kind: str = "chat",
+    rows: int | None = PEEK_ROWS,
+    max_samples: int | None = None,
+    skip_bad_rows: bool = False,
+    seed: int = 42,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """All rows of the named datasets as templated examples of `kind`, plus a record of each source."""
+    """The first `rows` rows (None: all) of each named dataset as templated examples, and each source
+    (its `rows`: how many were read, all of them where `rows` is None).
+
+    A bad row raises DataError naming the dataset, row and reason, unless `skip_bad_rows`.
+    """
     examples, sources = [], []
     for name in names:
         entry = resolve_dataset(name, registry)
-        rows = read_rows(entry)[:max_samples]
-        for index, row in enumerate(rows):
-            where = f"dataset {name!r} ({entry.file}), row {index}"
-            example = fill_example(to_example(entry, row, index, kind), template_vars, where)
-            examples.append({"dataset": name, "row": index, **example})
-        sources.append({"name": name, "file": str(entry.file), "sha256": sha256_file(entry.file), "rows": len(rows)})
+        check_kind(entry, kind)
+        wanted = rows if max_samples is None or rows is None else min(rows, max_samples)
+        raw = sample_rows(load_source(entry, head=wanted), entry.num_samples, max_samples, seed)
+        head = raw if rows is None or rows >= len(raw) else raw.select(range(rows))
+        skipped = 0
+        for row in head:
+            try:
+                examples.append(templated_example(entry, row, row[ROW_COLUMN], kind, template_vars))
+            except DataError:
+                if not skip_bad_rows:
+                    raise
+                skipped += 1
+        sources.append({"name": name, "file": str(entry.file), "rows": len(raw), "skipped_in_first": skipped})
     return examples, sources
 
 
 def split_examples(
     examples: list[dict[str, Any]], val_size: float, shuffle: bool, seed: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Shuffle with `seed`, then hold out `val_size` of the rows (at least one when asked for)."""
-    ordered = list(examples)
+    """Shuffle with `seed`, then hold out `val_size` of the rows (at least one when asked for).
+
+    The data worker orders rows the same way, so a preview shows what the stage trains on.
+    """
+    order = list(range(len(examples)))
     if shuffle:
-        random.Random(seed).shuffle(ordered)
-    held_out = max(1, round(len(ordered) * val_size)) if val_size > 0 and len(ordered) > 1 else 0
-    return ordered[held_out:], ordered[:held_out]
+        random.Random(seed).shuffle(order)
+    held_out = max(1, round(len(order) * val_size)) if val_size > 0 and len(order) > 1 else 0
+    return [examples[i] for i in order[held_out:]], [examples[i] for i in order[:held_out]]
+
+
+PREVIEW_CHARS = 400
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= PREVIEW_CHARS else text[:PREVIEW_CHARS] + f"... ({len(text)} characters)"
 
 
 def preview_rows(examples: list[dict[str, Any]], count: int) -> list[dict[str, str]]:
-    """The first rows flattened for a table: dataset, row, and each role's text."""
+    """The first rows flattened for a table: dataset, row, and each role's text (long texts clipped)."""
     table = []
     for example in examples[:count]:
         row = {"dataset": example["dataset"], "row": str(example["row"])}
-        for message in example.get("messages", []):
-            row[message["role"]] = (row.get(message["role"], "") + " " + message["content"]).strip()
+        for message in example.get("messages") or []:
+            text = message.get("content") or json.dumps(message.get("tool_calls"), ensure_ascii=False)
+            row[message["role"]] = (row.get(message["role"], "") + " " + text).strip()
+        if example.get("tools"):
+            row["tools"] = ", ".join(t["function"].get("name", "?") for t in example["tools"])
         row.update({k: str(example[k]) for k in ("chosen", "rejected", "label", "text") if k in example})
-        table.append(row)
+        table.append({k: _clip(v) for k, v in row.items()})
     return table
 
 
-def source_digests(names: list[str], registry: str | None) -> list[dict[str, str]]:
-    """The files behind the named datasets with their hashes: an edited file changes the key."""
-    entries = [resolve_dataset(name, registry) for name in names]
-    for entry in entries:
-        if not entry.file.is_file():
-            raise DataError(f"dataset {entry.name!r}: file {entry.file} does not exist")
-    return [{"name": e.name, "sha256": sha256_file(e.file)} for e in entries]
+def source_digests(names: list[str], registry: str | None) -> list[dict[str, Any]]:
+    """Each named dataset's source with its digest: an edited file or another hub revision changes the key."""
+    return [source_record(resolve_dataset(name, registry)) for name in names]
 
 
-def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+def _build(config: DatasetSpec, kind: str, num_proc: int, workspace: Path, out: Path, run: StageRun) -> StageResult:
+    logger = get_run_logger()
+    result: dict[str, Any] = {}
 
+    def on_event(event: dict[str, Any]) -> None:
+        if event["type"] == "templated":
+            result.update(event)
 
-def _build(config: DatasetSpec, kind: str, out: Path, run: StageRun) -> StageResult:
-    examples, sources = templated_examples(
-        config.names, config.registry, config.template_vars, config.max_samples, kind
-    )
-    train, val = split_examples(examples, config.val_size, config.shuffle, config.seed)
-    write_jsonl(out / "train.jsonl", train)
-    write_jsonl(out / "val.jsonl", val)
-    preview = preview_rows(train, config.preview_rows)
+    job = {
+        "job": "template",
+        **config.model_dump(mode="json", include={"names", "registry", "template_vars", "max_samples", "shuffle",
+                                                  "seed", "val_size", "preview_rows", "on_bad_row"}),
+        "kind": kind,
+        "num_proc": num_proc,
+        "scratch_dir": str(scratch_dir(workspace)),
+        "out": str(out),
+    }  # fmt: skip
+    run_worker("tasks.data_worker", job, out / "job.json", on_event, logger.info)
+    counts, skipped, preview = result["counts"], result["skipped"], preview_rows(result["preview"], 10**9)
     (out / "preview.json").write_text(json.dumps(preview, ensure_ascii=False, indent=2))
     run.log_table(preview, "preview.json")
-    publish_preview(preview)
-    for source in sources:  # each raw file as it is on disk
-        run.log_dataset(
-            read_rows(resolve_dataset(source["name"], config.registry)),
-            name=source["name"],
-            source=source["file"],
-            digest=source["sha256"][:16],
-            context="raw",
-        )
-    templated_digest = tree_digest(out, ["train.jsonl", "val.jsonl"])
-    run.log_dataset(
-        [{"split": split, **e} for split, rows in (("train", train), ("val", val)) for e in rows],
-        name="templated",
-        source=str(published_dir(out)),
-        digest=templated_digest[:16],
-        context="templated",
-    )
-    logger = get_run_logger()
-    logger.info("templated %d rows: %d train, %d validation", len(examples), len(train), len(val))
+    publish_preview(preview, skipped)
+    for source in result["sources"]:
+        run.log_dataset(name=source["name"], source=source["file"], digest=source["sha256"][:16], context="raw")
+    templated_digest = tree_digest(out, ["train", "val"])
+    run.log_dataset(name="templated", source=str(published_dir(out)), digest=templated_digest[:16], context="templated")
+    logger.info("templated %d rows: %d train, %d validation", counts["rows"], counts["train_rows"], counts["val_rows"])
+    for reason, count in skipped.items():
+        logger.warning("skipped %d rows of %s", count, reason)
     for row in preview:
-        logger.info(
-            "preview %s #%s: %s",
-            row["dataset"],
-            row["row"],
-            {k: v for k, v in row.items() if k not in ("dataset", "row")},
-        )
-    info = {"sources": sources, "template_vars": config.template_vars, "templated_digest": templated_digest}
-    return StageResult(
-        metrics={"rows": len(examples), "train_rows": len(train), "val_rows": len(val)},
-        info={**info, "kind": kind},
-    )
+        logger.info("preview %s #%s: %s", row["dataset"], row["row"],
+                    {k: v for k, v in row.items() if k not in ("dataset", "row")})  # fmt: skip
+    metrics = {**counts, "skipped_rows": sum(skipped.values())}
+    metrics.update({f"skipped_{_metric_name(reason)}": count for reason, count in skipped.items()})
+    info = {"sources": result["sources"], "template_vars": config.template_vars, "templated_digest": templated_digest}
+    return StageResult(metrics=metrics, info={**info, "kind": kind, "skipped": skipped})
+
+
+def _metric_name(reason: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in reason)
 
 
 @task(name="template-dataset", task_run_name=stage_run_name("template dataset"))
 def template_dataset(
-    config: DatasetSpec, workspace: Path, tracking: Tracking, kind: str = "chat", for_stage: str = "train"
+    config: DatasetSpec,
+    workspace: Path,
+    tracking: Tracking,
+    kind: str = "chat",
+    for_stage: str = "train",
+    num_proc: int | None = None,
 ) -> Manifest:
-    """Write train.jsonl and val.jsonl of examples of `kind` with the template values filled in.
+    """Write train/ and val/ (Arrow) of examples of `kind` with the template values filled in.
 
     `for_stage` names the training stage the data is for; a later one's is "template-<for_stage>".
+    `num_proc` (default: the cores) changes how fast, not what is written, so it is not in the key.
     """
     key_config = {
         **config.model_dump(mode="json"),
@@ -177,8 +192,8 @@ def template_dataset(
         stage_id("template", for_stage),
         key_config,
         [],
-        code_version(__file__, str(Path(__file__).with_name("dataset_registry.py"))),
+        code_version(__file__, *(str(HERE / f"{name}.py") for name in WORKER_MODULES)),
         workspace,
         tracking,
-        lambda out, run: _build(config, kind, out, run),
+        lambda out, run: _build(config, kind, num_proc or default_num_proc(), workspace, out, run),
     )

@@ -179,12 +179,24 @@ class StageRun:
     def log_table(self, rows: list[dict[str, Any]], name: str) -> None:
         self.client.log_table(self.run_id, data=_to_frame(rows), artifact_file=name)
 
-    def log_dataset(self, rows: list[dict[str, Any]], name: str, source: str, digest: str, context: str) -> None:
-        """Record a dataset input (name, digest, source) so models trace back to their data."""
-        import mlflow.data
+    def log_dataset(self, name: str, source: str, digest: str, context: str) -> None:
+        """Record a dataset input (name, digest, source) so models trace back to their data.
 
-        frame = _to_frame(rows)
-        dataset = mlflow.data.from_pandas(frame, source=source, name=name, digest=digest)
+        Only the reference is logged, not the rows: a dataset of millions of rows stays where it is.
+        """
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
+        from mlflow.data.meta_dataset import MetaDataset
+
+        if Path(source).exists():
+            with warnings.catch_warnings():  # MLflow registers its local source twice and warns that it did
+                warnings.simplefilter("ignore", UserWarning)
+                where = resolve_dataset_source(source)
+        else:  # a hub dataset id
+            where = HuggingFaceDatasetSource(source)
+        dataset = MetaDataset(where, name=name, digest=digest)
         entity = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
         self.client.log_inputs(self.run_id, datasets=[entity])
 

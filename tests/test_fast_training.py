@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from flows.spec import TrainSpec
+from tasks.chat_encoding import tokenize_examples
 from tasks.modeling import IGNORE_INDEX, load_model, pad_batch, supervised_loss
 from tasks.packing import pack_rows, packed_batch, padded_batch
-from tasks.tokenize_dataset import tokenize_examples
 
 
 def chat_examples(count: int) -> list[dict]:

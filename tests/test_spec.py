@@ -160,12 +160,13 @@ def test_missing_dataset_file_and_unreadable_row_name_file_and_row(tmp_path: Pat
     registry = tmp_path / "dataset_info.json"
     registry.write_text('{"gone": {"file_name": "gone.json"}, "bad": {"file_name": "bad.json"}}')
     (tmp_path / "bad.json").write_text('[{"instruction": "hi", "output": "hello"}, {"instruction": "no answer"}]')
-    with pytest.raises(DataError, match=r"dataset 'gone': file .*gone.json does not exist"):
+    with pytest.raises(DataError, match=r"dataset 'gone' \(.*dataset_info.json\): file .*gone.json does not exist"):
         check_inputs(validate_spec({"dataset": {"names": ["gone"], "registry": str(registry)}}))
-    with pytest.raises(DataError, match=r"bad.json: row 1 has no 'output' \(response\) text"):
+    missing = r"dataset 'bad' .*, row 1: no 'output' \(response\) text \(its columns: instruction\)"
+    with pytest.raises(DataError, match=missing):
         check_inputs(validate_spec({"dataset": {"names": ["bad"], "registry": str(registry)}}))
     (tmp_path / "bad.json").write_text('[{"instruction": "hi", "output": "hello"},\n oops]')
-    with pytest.raises(DataError, match=r"bad.json: not valid JSON at line 2"):
+    with pytest.raises(DataError, match=r"bad.json: not valid JSON at line 2, column 2"):
         check_inputs(validate_spec({"dataset": {"names": ["bad"], "registry": str(registry)}}))
 
 
@@ -229,3 +230,26 @@ def test_the_kubernetes_train_nodes_job_runs_a_train_node_command_the_cli_accept
     args = parser().parse_args(command[1:])
     assert args.handler is command_train_node and args.node_rank == 1
     assert args.workspace == container["volumeMounts"][0]["mountPath"]
+
+
+def test_function_calling_data_with_a_template_that_cannot_render_tools_is_refused_before_stage_one(
+    tiny_model: Path, tmp_path: Path
+):
+    shared = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data" / "dataset_info.json"
+    if not shared.is_file():
+        pytest.skip("shared/llamafactory-data is not beside the repo")
+    data = {
+        "workspace": str(tmp_path / "ws"),
+        "model": {"name_or_path": str(tiny_model)},
+        "dataset": {"registry": str(shared), "names": ["glaive_toolcall_en_demo"]},
+    }
+    with pytest.raises(
+        SpecError, match=r"the chat template of .* cannot render them; set model.chat_template: chatml_tools"
+    ):
+        check_inputs(validate_spec(data))
+    check_inputs(validate_spec({**data, "model": {**data["model"], "chat_template": "chatml_tools"}}))
+    with pytest.raises(
+        SpecError, match=r"model.chat_template: 'chatml_tool' is neither a shipped chat template \(chatml_tools\)"
+    ):
+        validate_spec({**data, "model": {"chat_template": "chatml_tool"}})
+    assert not (tmp_path / "ws").exists(), "nothing ran"

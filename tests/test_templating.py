@@ -1,4 +1,4 @@
-"""Templating: both placeholder styles, literal insertion, unfilled placeholders, both formats."""
+"""Templating: both placeholder styles, literal insertion, unfilled placeholders, the formats' conversions."""
 
 from __future__ import annotations
 
@@ -7,8 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dataset_registry import DataError, load_registry, read_rows, to_messages
-from tasks.template_dataset import fill_placeholders, split_examples, templated_examples
+from tasks.dataset_registry import DataError, resolve_dataset
+from tasks.dataset_rows import chat_messages, fill_placeholders
+from tasks.template_dataset import peek_examples, split_examples
+
+
+def templated_examples(names, registry, values, max_samples=None, kind="chat"):
+    """Every row of the named datasets, templated (the check before stage one reads them the same way)."""
+    return peek_examples(names, registry, values, kind, rows=None, max_samples=max_samples)
 
 
 def test_both_placeholder_styles_take_the_same_value():
@@ -30,15 +36,24 @@ def test_unfilled_placeholder_names_dataset_row_and_placeholder(tmp_path: Path):
         json.dumps(
             [
                 {"instruction": "Who are you?", "output": "I am <NAME>."},
-                {"instruction": "Who made you?", "output": "{{company}} made me."},
+                {"instruction": "Who made you?", "output": "{{author}} made me."},
             ]
         )
     )
     with pytest.raises(DataError) as error:
         templated_examples(["ids"], str(registry), {"name": "Nova"})
     message = str(error.value)
-    assert "dataset 'ids'" in message and "row 1" in message and "{{company}}" in message
-    assert "dataset.template_vars.company" in message
+    assert "dataset 'ids'" in message and "row 1" in message and "{{author}}" in message
+    assert "dataset.template_vars.author" in message
+
+
+def test_other_angle_and_brace_tokens_are_text_unless_given_a_value():
+    text = "Fill <MASK> in <T>x</T>; {{company}} and <BR> stay; <NAME> does not."
+    assert fill_placeholders(text, {"name": "Nova"}, "here") == (
+        "Fill <MASK> in <T>x</T>; {{company}} and <BR> stay; Nova does not."
+    )
+    # a key of template_vars makes both spellings of it a placeholder
+    assert fill_placeholders("<COMPANY> / {{ company }}", {"company": "Acme"}, "here") == "Acme / Acme"
 
 
 def test_shipped_self_cognition_fills_every_row():
@@ -52,7 +67,8 @@ def test_shipped_self_cognition_fills_every_row():
 
 def test_alpaca_with_system_history_and_input(tmp_path: Path):
     registry = tmp_path / "dataset_info.json"
-    registry.write_text(json.dumps({"a": {"file_name": "a.jsonl"}}))
+    columns = {"system": "system", "history": "history"}  # read only where named, as in LLaMA-Factory
+    registry.write_text(json.dumps({"a": {"file_name": "a.jsonl", "columns": columns}}))
     (tmp_path / "a.jsonl").write_text(
         json.dumps(
             {
@@ -65,8 +81,8 @@ def test_alpaca_with_system_history_and_input(tmp_path: Path):
         )
         + "\n"
     )
-    entry = load_registry(registry)["a"]
-    messages = to_messages(entry, read_rows(entry)[0], 0)
+    (example,), _ = templated_examples(["a"], str(registry), {})
+    messages = example["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "user", "assistant"]
     assert messages[3]["content"] == "Translate\nbonjour"
 
@@ -95,13 +111,13 @@ def test_sharegpt_with_custom_role_tags(tmp_path: Path):
         {"messages": [{"role": "robot", "content": "?"}]},
     ]
     (tmp_path / "s.json").write_text(json.dumps(rows))
-    entry = load_registry(registry)["s"]
-    assert to_messages(entry, rows[0], 0) == [
+    entry = resolve_dataset("s", registry)
+    assert chat_messages(entry, rows[0], 0) == [
         {"role": "user", "content": "2+2?"},
         {"role": "assistant", "content": "4"},
     ]
     with pytest.raises(DataError, match=r"row 1, turn 0: role 'robot' is not one of"):
-        to_messages(entry, rows[1], 1)
+        chat_messages(entry, rows[1], 1)
 
 
 def test_split_is_seeded_and_holds_out_the_fraction():
