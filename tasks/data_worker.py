@@ -31,6 +31,9 @@ from tasks.dataset_rows import check_kind, templated_example
 from tasks.dataset_sources import ROW_COLUMN, load_source, sample_rows, source_record
 
 BATCH_ROWS = 1000
+# the tokenized columns of TRL's stages, in the order the trainers' docs list them
+TOKEN_COLUMNS = {"pairs": ("prompt", "chosen", "rejected"), "feedback": ("prompt", "completion", "label"),
+                 "prompts": ("prompt",)}  # fmt: skip
 ROWS_PER_PROCESS = 20_000  # below this many rows a dataset is mapped in this process: forking costs more
 # the columns each kind of example is stored in; messages and tools are JSON text
 KIND_COLUMNS = {
@@ -265,7 +268,8 @@ def tokenize_split(job: TokenizeJob, tokenizer: Any, split: str) -> dict[str, fl
     )  # fmt: skip
     counted = [name for name in encoded.column_names if name.startswith("_")]
     sums = {name[1:]: int(pc.sum(encoded.data.column(name)).as_py() or 0) for name in counted}
-    encoded.remove_columns(counted).save_to_disk(target)
+    columns = TOKEN_COLUMNS.get(job.kind) or ("input_ids", "labels")
+    encoded.select_columns([c for c in columns if c in encoded.column_names]).save_to_disk(target)
     stats = {"examples": len(encoded), "tokens": sums["tokens"], "truncated": sums["truncated"]}
     if job.kind == "chat":
         stats.update({"supervised_tokens": sums["supervised"], "dropped": len(templated) - len(encoded)})
