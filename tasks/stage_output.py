@@ -24,6 +24,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from tasks.dataset_sources import sha256_file  # one file hash for stage outputs and data sources
 from tasks.locks import file_lock
 from tasks.tracking import StageRun, Tracking, record_reused_stage, stage_run
 
@@ -64,14 +65,6 @@ class Manifest(BaseModel):
     def digest(self) -> str:
         """Content identity of the output, used in downstream cache keys."""
         return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def tree_digest(root: Path, names: list[str]) -> str:
