@@ -7,8 +7,9 @@ message lengths spread like real chat exports: log-normal lengths, most chats sh
 tail), registered in a dataset_info.json beside it, then measures:
 
   (a) `tunefactory prepare` on it, cold (fresh workspace and datasets cache): the whole command's
-      wall time, the template and tokenize stages' own time, and the peak resident memory of the
-      data worker processes (summed over the worker and its map processes, sampled every 0.2 s);
+      wall time, the template and tokenize stages' own time, and the peak memory of the data worker
+      processes (RSS sampled every 0.2 s and PSS every 2 s, each summed over the worker and its map
+      processes);
   (b) the same command again, warm: the tokenized set is reused;
   (c) TRL: `load_dataset("json")` and `SFTTrainer(...)` at SFTConfig's defaults (ChatML
       conversion, tokenization, truncation to 1024), in a process of its own, timed and sampled the same way.
@@ -78,16 +79,26 @@ def tokenizer_model(root: Path) -> Path:
 
 
 class PeakMemory:
-    """Samples the summed RSS of a process's descendants that match `marker` (or all of them) until stopped."""
+    """Samples the memory of a process and its descendants that match `marker` (or all of them) until stopped.
+
+    Two sums are kept: resident set sizes (RSS: pages shared between the worker and its forked
+    map processes are counted once per process) and proportional set sizes (PSS: each shared page
+    split between the processes that share it), whose sum is what the processes take of the machine.
+    """
 
     def __init__(self, process: subprocess.Popen, marker: str | None):
-        self.root, self.marker, self.peak, self.done = psutil.Process(process.pid), marker, 0, False
+        self.root, self.marker, self.done = psutil.Process(process.pid), marker, False
+        self.peak_rss = self.peak_pss = 0
         self.thread = threading.Thread(target=self._sample, daemon=True)
         self.thread.start()
 
     def _sample(self) -> None:
+        tick = 0
         while not self.done:
-            total = 0
+            # PSS costs the kernel a walk of the page tables (tens of ms a process): every 2 s,
+            # so that measuring does not take the CPU from what is measured; RSS every 0.2 s
+            with_pss, tick = tick % 10 == 0, tick + 1
+            rss = pss = 0
             try:
                 processes = [self.root, *self.root.children(recursive=True)]
             except psutil.NoSuchProcess:
@@ -95,20 +106,22 @@ class PeakMemory:
             for process in processes:
                 try:
                     if self.marker is None or self.marker in " ".join(process.cmdline()):
-                        total += process.memory_info().rss
+                        rss += process.memory_info().rss
+                        pss += process.memory_full_info().pss if with_pss else 0
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-            self.peak = max(self.peak, total)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             time.sleep(0.2)
 
-    def stop(self) -> float:
+    def stop(self) -> tuple[float, float]:
+        """Peak summed RSS and peak summed PSS, in MiB."""
         self.done = True
         self.thread.join()
-        return self.peak / 2**20
+        return self.peak_rss / 2**20, self.peak_pss / 2**20
 
 
-def timed(command: list[str], env: dict[str, str], marker: str | None) -> tuple[float, float, str]:
-    """Run a command; its wall time, the peak MiB of its matching processes, and its output."""
+def timed(command: list[str], env: dict[str, str], marker: str | None) -> tuple[float, tuple[float, float], str]:
+    """Run a command; its wall time, the peak (RSS, PSS) MiB of its matching processes, and its output."""
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     memory = PeakMemory(process, marker)
@@ -144,11 +157,11 @@ def measure_tunefactory(root: Path, rows: int, model: Path, data: Path) -> dict[
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache)}
     env.pop("PREFECT_API_URL", None)  # the command's own temporary server
     command = [sys.executable, "-m", "flows.cli", "prepare", str(spec_path)]
-    cold, peak, _ = timed(command, env, "tasks.data_worker")
+    cold, (rss, pss), _ = timed(command, env, "tasks.data_worker")
     stages = stage_seconds(workspace)
     warm, _, output = timed(command, env, None)
     assert "reused" in output, "the warm run reuses the data stages"
-    return {"cold_s": cold, "warm_s": warm, "peak_mib": peak, **{f"{k}_s": v for k, v in stages.items()}}
+    return {"cold_s": cold, "warm_s": warm, "rss_mib": rss, "pss_mib": pss, **{f"{k}_s": v for k, v in stages.items()}}
 
 
 def trl_side(data_file: str, model_dir: str) -> None:
@@ -173,9 +186,9 @@ def measure_trl(root: Path, rows: int, model: Path, data_file: Path) -> dict[str
     shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "HF_DATASETS_CACHE": str(cache)}
     command = [sys.executable, "-m", "tasks.bench_data", "--trl-side", str(data_file), str(model)]
-    wall, peak, output = timed(command, env, None)
+    wall, (rss, pss), output = timed(command, env, None)
     figures = json.loads(output.strip().splitlines()[-1])
-    return {"wall_s": wall, "peak_mib": peak, **figures}
+    return {"wall_s": wall, "rss_mib": rss, "pss_mib": pss, **figures}
 
 
 def main() -> None:
@@ -195,7 +208,9 @@ def main() -> None:
         data_file = data / "chat.jsonl"
         if not data_file.is_file():
             data.mkdir(exist_ok=True)
-            generate_chats(data_file, rows)
+            partial = data_file.with_suffix(".partial")  # an interrupted run leaves no half file behind
+            generate_chats(partial, rows)
+            partial.rename(data_file)
         (data / "dataset_info.json").write_text(
             json.dumps({"chat": {"file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"system": "system"}}})
         )
@@ -205,7 +220,8 @@ def main() -> None:
         print(
             f"  tunefactory prepare, cold: {ours['cold_s']:.1f}s ({rows / ours['cold_s']:.0f} rows/s; stages: "
             f"template {ours['template_s']:.1f}s, tokenize {ours['tokenize_s']:.1f}s), "
-            f"peak RSS of the data workers {ours['peak_mib']:.0f} MiB; warm re-run {ours['warm_s']:.1f}s",
+            f"data workers' peak memory: {ours['pss_mib']:.0f} MiB PSS ({ours['rss_mib']:.0f} MiB summed RSS); "
+            f"warm re-run {ours['warm_s']:.1f}s",
             flush=True,
         )
         if args.no_trl:
@@ -214,7 +230,7 @@ def main() -> None:
         print(
             f"  TRL SFTTrainer at its defaults: {trl['wall_s']:.1f}s ({rows / trl['wall_s']:.0f} rows/s; "
             f"load_dataset {trl['load_s']:.1f}s, SFTTrainer preparation {trl['prepare_s']:.1f}s), "
-            f"peak RSS {trl['peak_mib']:.0f} MiB",
+            f"peak memory {trl['pss_mib']:.0f} MiB PSS ({trl['rss_mib']:.0f} MiB summed RSS)",
             flush=True,
         )
         print(f"ratio={trl['wall_s'] / ours['cold_s']:.2f}", flush=True)
