@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.spec import PipelineSpec, SpecError, load_spec
+from tasks.stage_infos import ExportInfo
 
 EXIT_USER_ERROR = 2
 
@@ -33,11 +34,11 @@ EXIT_USER_ERROR = 2
 def check_inputs(spec: PipelineSpec) -> None:
     """Read the model source, every dataset's first rows and the evaluation sets the spec names,
     so that mistakes surface before stage one (the template stage reads every row)."""
-    from flows.spec import STAGE_DATA
     from tasks.chat_encoding import template_supports_tools
     from tasks.dataset_registry import DataError
     from tasks.evaluate import eval_prompts
     from tasks.materialize_model import model_chat_template, source_fingerprint
+    from tasks.spec_sections import STAGE_DATA
     from tasks.template_dataset import peek_examples
 
     source_fingerprint(spec.model.name_or_path)
@@ -137,13 +138,13 @@ def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
         parts += ["", "Evaluation (before -> after)", table(rows, ["metric", "base", "tuned"])]
     export = stages.get("export")
     if export:
-        model_dir = Path(export["output_dir"]) / export["info"]["model_dir"]
-        info = export["info"]
+        info = ExportInfo.model_validate(export["info"])
+        model_dir = Path(export["output_dir"]) / info.model_dir
         parts += [
             "",
             f"Exported model: {model_dir}",
-            f"  registered in MLflow as {info['registered_model']} version {info['version']} "
-            f"(@{info['alias']}); chat with it: tunefactory chat {model_dir}",
+            f"  registered in MLflow as {info.registered_model} version {info.version} "
+            f"(@{info.alias}); chat with it: tunefactory chat {model_dir}",
         ]
     tracking = result["tracking"]
     uri = tracking["uri"]
@@ -226,7 +227,7 @@ def command_serve(args: argparse.Namespace) -> int:
 
 def command_preview(args: argparse.Namespace) -> int:
     """The first rows as the template stage writes them, for the spec's first training stage."""
-    from flows.spec import STAGE_DATA
+    from tasks.spec_sections import STAGE_DATA
     from tasks.template_dataset import peek_examples, preview_rows
 
     spec = load_spec(args.spec, args.set)
@@ -391,6 +392,13 @@ def command_chat(args: argparse.Namespace) -> int:
 def parser() -> argparse.ArgumentParser:
     main = argparse.ArgumentParser(prog="tunefactory", description="LLM fine-tuning as a declarative pipeline.")
     commands = main.add_subparsers(dest="command", required=True)
+    _spec_commands(commands)
+    _run_and_model_commands(commands)
+    return main
+
+
+def _spec_commands(commands) -> None:
+    """The commands that take a spec: run, prepare, serve, preview, validate, schema, sweep."""
 
     def with_spec(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -428,6 +436,10 @@ def parser() -> argparse.ArgumentParser:
         help="a spec key and the values to try, e.g. train.learning_rate=1e-4,5e-4 (repeatable: the grid)",
     )
     sweep.set_defaults(handler=command_sweep)
+
+
+def _run_and_model_commands(commands) -> None:
+    """The commands about runs and models: compare, lineage, promote, ui, train-node, chat."""
     compare = commands.add_parser("compare", help="compare pipeline runs: table (CSV, Markdown) and plot")
     compare.add_argument("spec", nargs="?", help="compare this spec's latest runs")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=argparse.SUPPRESS)
@@ -466,7 +478,6 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-new-tokens", type=int, default=256)
     chat.add_argument("--system", default=None, help="system prompt (default: the chat template's)")
     chat.set_defaults(handler=command_chat)
-    return main
 
 
 def main(argv: list[str] | None = None) -> int:

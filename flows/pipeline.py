@@ -20,12 +20,14 @@ from typing import Any
 from prefect import Task, flow
 from prefect.runtime import flow_run
 
-from flows.spec import STAGE_DATA, PipelineSpec, PlannedStage, StageRetry
+from flows.spec import PipelineSpec, PlannedStage, StageRetry
 from tasks.evaluate import evaluate_model
 from tasks.export import merge_and_export
 from tasks.lineage import dataset_inputs
 from tasks.materialize_model import materialize_base_model
-from tasks.stage_output import Manifest, stage_id
+from tasks.spec_sections import STAGE_DATA
+from tasks.stage_infos import ModelInfo
+from tasks.stage_output import Manifest, StageContext, stage_id
 from tasks.template_dataset import template_dataset
 from tasks.tokenize_dataset import tokenize_dataset
 from tasks.tracking import Tracking, end_pipeline_run, log_pipeline_datasets, start_pipeline_run, tag_pipeline_run
@@ -37,39 +39,38 @@ def retrying(stage: Task, retry: StageRetry) -> Task:
 
 
 def prepare_data(
-    spec: PipelineSpec, plan: PlannedStage, base: Manifest, workspace: Path, tracking: Tracking,
-    stages: dict[str, Manifest],
-) -> Manifest:  # fmt: skip
+    spec: PipelineSpec, plan: PlannedStage, base: Manifest, ctx: StageContext, stages: dict[str, Manifest]
+) -> Manifest:
     """Template and tokenize one training stage's data; the tokenized manifest."""
     retry = spec.retries
     templated = retrying(template_dataset, retry.template)(
-        spec.data_for(plan.config), workspace, tracking, STAGE_DATA[plan.config.stage], plan.name,
-        spec.tokenize.num_proc,
-    )  # fmt: skip
-    tokenized = retrying(tokenize_dataset, retry.tokenize)(
-        spec.tokenize, templated, base, workspace, tracking, plan.name
+        ctx=ctx,
+        config=spec.data_for(plan.config),
+        kind=STAGE_DATA[plan.config.stage],
+        for_stage=plan.name,
+        num_proc=spec.tokenize.num_proc,
     )
-    log_pipeline_datasets(tracking, dataset_inputs(templated, tokenized, plan.name))
+    tokenized = retrying(tokenize_dataset, retry.tokenize)(
+        ctx=ctx, config=spec.tokenize, templated=templated, base_model=base, for_stage=plan.name
+    )
+    log_pipeline_datasets(ctx.tracking, dataset_inputs(templated, tokenized, plan.name))
     stages[stage_id("template", plan.name)], stages[stage_id("tokenize", plan.name)] = templated, tokenized
     return tokenized
 
 
-def train_chain(
-    spec: PipelineSpec, base: Manifest, workspace: Path, tracking: Tracking, stages: dict[str, Manifest]
-) -> str:
+def train_chain(spec: PipelineSpec, base: Manifest, ctx: StageContext, stages: dict[str, Manifest]) -> str:
     """Template, tokenize and train each training stage in order; the name of the last that made a language model."""
     policy = ""
     for plan in spec.training_plan():
-        tokenized = prepare_data(spec, plan, base, workspace, tracking, stages)
+        tokenized = prepare_data(spec, plan, base, ctx, stages)
         stages[stage_id("train", plan.name)] = retrying(train_model, spec.retries.train)(
-            plan.config,
-            tokenized,
-            base,
-            workspace,
-            tracking,
-            plan.name,
-            stages[stage_id("train", plan.start)] if plan.start else None,
-            stages[stage_id("train", plan.reward)] if plan.reward else None,
+            ctx=ctx,
+            config=plan.config,
+            tokenized=tokenized,
+            base_model=base,
+            for_stage=plan.name,
+            start=stages[stage_id("train", plan.start)] if plan.start else None,
+            reward=stages[stage_id("train", plan.reward)] if plan.reward else None,
         )
         policy = policy if plan.config.stage == "rm" else plan.name
     return policy
@@ -91,11 +92,16 @@ def start_run(spec: PipelineSpec, labels: dict[str, str] | None) -> Tracking:
     )
 
 
-def materialize(spec: PipelineSpec, workspace: Path, tracking: Tracking) -> Manifest:
+def materialize(spec: PipelineSpec, ctx: StageContext) -> Manifest:
     base = retrying(materialize_base_model, spec.retries.model)(
-        spec.model.name_or_path, spec.model.trust_remote_code, workspace, tracking, spec.model.template_text()
+        ctx=ctx,
+        name_or_path=spec.model.name_or_path,
+        trust_remote_code=spec.model.trust_remote_code,
+        chat_template=spec.model.template_text(),
     )
-    tag_pipeline_run(tracking, {"base_model": spec.model.name_or_path, "base_model_digest": base.info["source_digest"]})
+    tag_pipeline_run(
+        ctx.tracking, {"base_model": spec.model.name_or_path, "base_model_digest": ModelInfo.of(base).source_digest}
+    )
     return base
 
 
@@ -103,13 +109,13 @@ def materialize(spec: PipelineSpec, workspace: Path, tracking: Tracking) -> Mani
 def prepare(spec: PipelineSpec) -> dict[str, Any]:
     """The pipeline's first stages alone: base model, then each training stage's templated and
     tokenized data, built once and reused by a later `tunefactory run` of the same spec."""
-    workspace = Path(spec.workspace).resolve()
     tracking = start_run(spec, {"prepare_only": "true"})
+    ctx = StageContext(workspace=Path(spec.workspace).resolve(), tracking=tracking)
     stages: dict[str, Manifest] = {}
     try:
-        stages["model"] = base = materialize(spec, workspace, tracking)
+        stages["model"] = base = materialize(spec, ctx)
         for plan in spec.training_plan():
-            prepare_data(spec, plan, base, workspace, tracking, stages)
+            prepare_data(spec, plan, base, ctx, stages)
     except BaseException:
         end_pipeline_run(tracking, succeeded=False)
         raise
@@ -127,28 +133,33 @@ def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> dict[s
 
     `labels` become tags of the pipeline's MLflow run (a sweep marks its variants with them).
     """
-    workspace = Path(spec.workspace).resolve()
     tracking = start_run(spec, labels)
+    ctx = StageContext(workspace=Path(spec.workspace).resolve(), tracking=tracking)
     stages, retry = {}, spec.retries
     try:
-        stages["model"] = base = materialize(spec, workspace, tracking)
-        policy = train_chain(spec, base, workspace, tracking, stages)
+        stages["model"] = base = materialize(spec, ctx)
+        policy = train_chain(spec, base, ctx, stages)
         if policy:  # evaluate and export the final language model
             trained = stages[stage_id("train", policy)]
             stages["evaluate"] = evaluated = retrying(evaluate_model, retry.evaluate)(
-                spec.evaluate,
-                spec.dataset.registry,
-                spec.dataset.template_vars,
-                spec.train.compute_type,
-                trained,
-                stages["tokenize"],
-                base,
-                workspace,
-                tracking,
+                ctx=ctx,
+                config=spec.evaluate,
+                registry=spec.dataset.registry,
+                template_vars=spec.dataset.template_vars,
+                compute_type=spec.train.compute_type,
+                trained=trained,
+                tokenized=stages["tokenize"],
+                base_model=base,
             )
-            templated = [m for name, m in stages.items() if name.startswith("template")]
             stages["export"] = retrying(merge_and_export, retry.export)(
-                spec.export, spec.name, spec.digest(), trained, evaluated, templated, base, workspace, tracking
+                ctx=ctx,
+                config=spec.export,
+                name=spec.name,
+                spec_digest=spec.digest(),
+                trained=trained,
+                evaluated=evaluated,
+                templated=[m for name, m in stages.items() if name.startswith("template")],
+                base_model=base,
             )
     except BaseException:
         end_pipeline_run(tracking, succeeded=False)

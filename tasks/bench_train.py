@@ -32,8 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from flows.spec import TrainSpec, load_spec
+import yaml
+
 from tasks.child_process import emit, run_worker, worker_entry
+from tasks.spec_sections import DatasetSpec, EvaluateSpec, ModelSpec, TokenizeSpec, TrainSpec
+from tasks.worker_configs import BenchTrlJob, TrainJob, Weights
 
 GPU_PEAK_FLOPS = 989e12  # H100/H200 SXM, bf16 dense
 WARMUP_STEPS = 3
@@ -76,26 +79,31 @@ def prepare_cpu_case(root: Path) -> dict[str, Any]:
 
     from tasks.chat_encoding import tokenize_examples
     from tasks.evaluate import eval_prompts
-    from tasks.materialize_model import convert_gguf, packaged_gguf
+    from tasks.gguf_worker import convert_gguf
+    from tasks.materialize_model import packaged_gguf
     from tasks.template_dataset import peek_examples, split_examples
 
-    spec = load_spec(REPO / "deployments" / "self_cognition.yaml")
+    # the demo's spec, read section by section (this layer reads the sections, not the whole pipeline spec)
+    demo = yaml.safe_load((REPO / "deployments" / "self_cognition.yaml").read_text(encoding="utf-8"))
+    model = ModelSpec.model_validate(demo.get("model", {}))
+    data = DatasetSpec.model_validate(demo.get("dataset", {}))
+    tokenize = TokenizeSpec.model_validate(demo.get("tokenize", {}))
+    evaluate = EvaluateSpec.model_validate(demo.get("evaluate", {}))
     model_dir = root / "smollm2-135m-instruct"
     if not (model_dir / "config.json").is_file():
-        convert_gguf(packaged_gguf(spec.model.name_or_path), model_dir)
-    data = spec.dataset
+        convert_gguf(packaged_gguf(model.name_or_path), model_dir)
     examples, _ = peek_examples(data.names, data.registry, data.template_vars, rows=None, max_samples=data.max_samples)
     train, _ = split_examples(examples, data.val_size, data.shuffle, data.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    columns, _ = tokenize_examples(tokenizer, train, spec.tokenize.cutoff_len, spec.tokenize.train_on_prompt)
+    columns, _ = tokenize_examples(tokenizer, train, tokenize.cutoff_len, tokenize.train_on_prompt)
     save_split(columns, root / "cpu-data" / "train")
-    identity = eval_prompts(spec.evaluate.identity_prompts, data.registry, data.template_vars, ("reference",))
+    identity = eval_prompts(evaluate.identity_prompts, data.registry, data.template_vars, ("reference",))
     return {
         "model_dir": str(model_dir),
         "dataset_dir": str(root / "cpu-data"),
-        "train": spec.train.model_dump(mode="json"),
-        "cutoff_len": spec.tokenize.cutoff_len,
-        "identity": identity,
+        "train": TrainSpec.model_validate(demo.get("train", {})).model_dump(mode="json"),
+        "cutoff_len": tokenize.cutoff_len,
+        "identity": [row.model_dump() for row in identity],
         "template_vars": data.template_vars,
     }
 
@@ -151,21 +159,20 @@ def last_epoch_loss(losses: list[float], steps_per_epoch: int) -> float:
     return sum(tail) / len(tail)
 
 
-def worker_config(case: dict[str, Any], out: Path) -> dict[str, Any]:
+def worker_config(case: dict[str, Any], out: Path, job: type[TrainJob] = TrainJob, **extra: Any) -> TrainJob:
     from transformers import AutoConfig
 
     pad = AutoConfig.from_pretrained(case["model_dir"]).pad_token_id
-    return {
-        **case["train"],
-        "logging_steps": 1,
-        "save_steps": 10**9,
-        "start": {"model_dir": case["model_dir"], "adapters": []},
-        "dataset_dir": case["dataset_dir"],
-        "output_dir": str(out),
-        "cutoff_len": case["cutoff_len"],
-        "pad_token_id": pad if pad is not None else 0,
-        "trust_remote_code": False,
-    }
+    return job(
+        **{**case["train"], "logging_steps": 1, "save_steps": 10**9},
+        start=Weights(model_dir=case["model_dir"]),
+        tokenizer_path=case["model_dir"],
+        dataset_dir=case["dataset_dir"],
+        output_dir=str(out),
+        cutoff_len=case["cutoff_len"],
+        pad_token_id=pad if pad is not None else 0,
+        **extra,
+    )
 
 
 def run_tunefactory(case: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -183,7 +190,7 @@ def run_tunefactory(case: dict[str, Any], out: Path) -> dict[str, Any]:
 
     config = worker_config(case, out)
     run_worker("tasks.train_worker", config, out.parent / "tunefactory_config.json", on_event, on_output=lambda _: None)
-    steps_per_epoch = math.ceil(result["total_steps"] / config["num_epochs"])
+    steps_per_epoch = math.ceil(result["total_steps"] / config.num_epochs)
     return {
         "tokens_per_second": steady_throughput(steps),
         "peak_memory_mb": result["peak_memory_mb"],
@@ -196,41 +203,47 @@ def run_tunefactory(case: dict[str, Any], out: Path) -> dict[str, Any]:
 def run_trl(case: dict[str, Any], out: Path) -> dict[str, Any]:
     """(a): TRL's SFTTrainer at its defaults, in a child process (`trl_side` below)."""
     result: dict[str, Any] = {}
-    config = {**worker_config(case, out), "trl_max_steps": case.get("trl_max_steps", -1)}
+    config = worker_config(case, out, BenchTrlJob, trl_max_steps=case.get("trl_max_steps", -1))
     run_worker("tasks.bench_train", config, out.parent / "trl_config.json", result.update, on_output=lambda _: None)
     return result
 
 
-def trl_side(config: dict[str, Any]) -> None:
-    """The child process of (a): TRL trains, and reports what (b) reports."""
-    from datasets import load_from_disk
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def trl_arguments(config: BenchTrlJob, cuda: bool):
+    """SFTTrainer's arguments: its defaults, but for the spec's schedule and what a benchmark must turn off."""
+    from trl import SFTConfig
 
-    from tasks.finetuning_methods import trainable_model
-    from tasks.modeling import compute_setup
-    from tasks.train_worker import peak_memory_mb
-
-    setup = compute_setup("auto")
-    cuda = setup.device.type == "cuda"
-    model = trainable_model(config, setup.device)  # the same LoRA as (b), fp32 weights as TRL loads them
-    data = load_from_disk(str(Path(config["dataset_dir"]) / "train"))
-    tokenizer = AutoTokenizer.from_pretrained(config["start"]["model_dir"])
-    args = SFTConfig(
-        output_dir=config["output_dir"],
-        num_train_epochs=config["num_epochs"],
-        max_steps=config["trl_max_steps"],
-        learning_rate=config["learning_rate"],
-        lr_scheduler_type=config["lr_scheduler"],
-        warmup_steps=config["warmup_ratio"],  # a fraction below 1 is a ratio of the total steps
-        max_grad_norm=config["max_grad_norm"],
-        seed=config["seed"],
+    return SFTConfig(
+        output_dir=config.output_dir,
+        num_train_epochs=config.num_epochs,
+        max_steps=config.trl_max_steps,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup_ratio,  # a fraction below 1 is a ratio of the total steps
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
         bf16=cuda,  # TRL's default on a GPU; this CPU has no bf16 arithmetic, so fp32 like (b)
         use_cpu=not cuda,
         logging_steps=1,
         save_strategy="no",
         report_to="none",
     )
+
+
+def trl_side(config: BenchTrlJob) -> None:
+    """The child process of (a): TRL trains, and reports what (b) reports."""
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTTrainer
+
+    from tasks.finetuning_methods import trainable_model
+    from tasks.modeling import compute_setup
+    from tasks.train_worker import peak_memory_mb
+
+    setup = compute_setup("auto")
+    model = trainable_model(config, setup.device)  # the same LoRA as (b), fp32 weights as TRL loads them
+    data = load_from_disk(str(Path(config.dataset_dir) / "train"))
+    tokenizer = AutoTokenizer.from_pretrained(config.start.model_dir)
+    args = trl_arguments(config, cuda=setup.device.type == "cuda")
     real_tokens: list[int] = []
     times: list[float] = []
 
@@ -256,7 +269,7 @@ def trl_side(config: dict[str, Any]) -> None:
     seconds = [end - begin for begin, end in zip(times[::2], times[1::2], strict=False)]
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     steps_per_epoch = math.ceil(len(data) / args.per_device_train_batch_size)
-    trainer.model.save_pretrained(Path(config["output_dir"]) / "adapter")
+    trainer.model.save_pretrained(Path(config.output_dir) / "adapter")
     emit(
         {
             "type": "done",
@@ -264,7 +277,7 @@ def trl_side(config: dict[str, Any]) -> None:
             "peak_memory_mb": peak_memory_mb(setup.device),
             "final_loss": last_epoch_loss(losses, steps_per_epoch),
             "steps": len(losses),
-            "adapter": str(Path(config["output_dir"]) / "adapter"),
+            "adapter": str(Path(config.output_dir) / "adapter"),
             "gradient_checkpointing": args.gradient_checkpointing,
             "batch_size": args.per_device_train_batch_size,
             "precision": "bf16" if args.bf16 else "fp32",
@@ -298,12 +311,13 @@ def identity_hit_rate(case: dict[str, Any], adapter: str) -> float:
     from tasks.evaluate_worker import generate_answers
     from tasks.modeling import load_model
     from tasks.scoring import score_answers
+    from tasks.worker_configs import EvalPrompt
 
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     model = load_model(case["model_dir"], [adapter]).eval()
-    prompts = [row["prompt"] for row in case["identity"]]
-    answers = generate_answers(model, tokenizer, prompts, 48, 8, torch.device("cpu"))
-    return score_answers(case["identity"], [], answers, case["template_vars"])["metrics"]["identity_hit_rate"]
+    identity = [EvalPrompt(**row) for row in case["identity"]]
+    answers = generate_answers(model, tokenizer, [row.prompt for row in identity], 48, 8, torch.device("cpu"))
+    return score_answers(identity, [], answers, case["template_vars"])["metrics"]["identity_hit_rate"]
 
 
 def bench_case(name: str, root: Path, epochs: float | None = None) -> dict[str, dict[str, Any]]:
@@ -361,6 +375,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        worker_entry(trl_side)
+        worker_entry(trl_side, BenchTrlJob)
     else:
         main()

@@ -14,7 +14,7 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label of a token without loss: PyTorch's cross-entropy skips it
 
 
 class TemplateError(ValueError):

@@ -14,9 +14,7 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
-
-from pydantic import BaseModel, ConfigDict
+from typing import Any
 
 from tasks.chat_encoding import (
     IGNORE_INDEX,
@@ -29,6 +27,7 @@ from tasks.child_process import WorkerError, emit, worker_entry
 from tasks.dataset_registry import DataError, DatasetEntry, resolve_dataset
 from tasks.dataset_rows import check_kind, templated_example
 from tasks.dataset_sources import ROW_COLUMN, load_source, sample_rows, source_record
+from tasks.worker_configs import DataJob, TemplateJob, TokenizeJob
 
 BATCH_ROWS = 1000
 # the tokenized columns of TRL's stages, in the order the trainers' docs list them
@@ -43,42 +42,6 @@ KIND_COLUMNS = {
     "feedback": ("messages", "label"),
     "prompts": ("messages",),
 }
-
-
-class TemplateJob(BaseModel):
-    """Read the named datasets, template each row, shuffle, split; write train/ and val/ under `out`."""
-
-    model_config = ConfigDict(extra="forbid")
-    job: Literal["template"] = "template"
-    names: list[str]
-    registry: str | None
-    kind: str
-    template_vars: dict[str, str]
-    max_samples: int | None
-    shuffle: bool
-    seed: int
-    val_size: float
-    preview_rows: int
-    on_bad_row: Literal["error", "skip"]
-    num_proc: int
-    scratch_dir: str
-    out: str
-
-
-class TokenizeJob(BaseModel):
-    """Tokenize the templated train/ and val/ with the model's chat template; write them under `out`."""
-
-    model_config = ConfigDict(extra="forbid")
-    job: Literal["tokenize"] = "tokenize"
-    templated: str
-    model_path: str
-    trust_remote_code: bool
-    kind: str
-    cutoff_len: int
-    train_on_prompt: bool
-    num_proc: int
-    scratch_dir: str
-    out: str
 
 
 def token_features():
@@ -329,10 +292,9 @@ def _sample(split: Path, tokenizer: Any) -> str:
     return json.dumps(first, ensure_ascii=False, indent=2)
 
 
-def main(config: dict[str, Any]) -> None:
+def main(job: TemplateJob | TokenizeJob) -> None:
     import datasets
 
-    job = TemplateJob.model_validate(config) if config.get("job") == "template" else TokenizeJob.model_validate(config)
     # our stages are the cache; the library's transform cache would only fill the disk twice
     datasets.disable_caching()
     scratch = Path(job.scratch_dir)
@@ -346,4 +308,4 @@ def main(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    worker_entry(main)
+    worker_entry(main, DataJob)

@@ -1,7 +1,7 @@
 """One raw row of a registered dataset to the example a training stage reads, placeholders filled.
 
 `to_example(entry, row, index, kind)` reads a row as LLaMA-Factory's converters read it, for
-the kind of example a stage needs (see `flows/spec.py:STAGE_DATA`):
+the kind of example a stage needs (see `tasks/spec_sections.py:STAGE_DATA`):
 
     chat      {messages, tools}              a conversation ending with the assistant (sft)
     text      {text}                         plain text from the alpaca prompt column (pt)

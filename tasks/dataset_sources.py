@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.dataset_registry import DataError, DatasetEntry
+from tasks.jsonl import jsonl_lines
 
 FILE_KINDS = {
     ".json": "json",
@@ -135,7 +136,7 @@ def _json_problem(files: list[Path]) -> str | None:
             if not rows:
                 return f"{file} holds no rows (an empty list)"
             continue
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in jsonl_lines(text):
             try:
                 row = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError as exc:

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from flows.spec import ADAPTER_METHODS
 from tasks.child_process import WorkerError
 from tasks.modeling import ComputeSetup, causal_lm, supervised_loss
+from tasks.spec_sections import ADAPTER_METHODS
+from tasks.worker_configs import TrainJob
 
 
 class LabelOnlyLoss(torch.nn.Module):
@@ -96,9 +97,9 @@ class Engine:
     # every process holds the same weights, so their digests must agree at the end
     replicated = True
 
-    def __init__(self, model: torch.nn.Module, config: dict[str, Any], setup: ComputeSetup, world: int) -> None:
+    def __init__(self, model: torch.nn.Module, config: TrainJob, setup: ComputeSetup, world: int) -> None:
         self.model, self.config, self.world = model, config, world
-        self.adapter = config["finetuning_type"] in ADAPTER_METHODS
+        self.adapter = config.finetuning_type in ADAPTER_METHODS
         self.module: torch.nn.Module = self.wrap(LabelOnlyLoss(model), setup)
         self.params = trainable_parameters(model)
         self.optimizer = self.make_optimizer(setup)
@@ -114,7 +115,7 @@ class Engine:
     def make_optimizer(self, setup: ComputeSetup) -> torch.optim.Optimizer:
         cuda = setup.device.type == "cuda"
         return torch.optim.AdamW(
-            self.params, lr=self.config["learning_rate"], weight_decay=self.config["weight_decay"], fused=cuda or None
+            self.params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay, fused=cuda or None
         )
 
     @property
@@ -136,7 +137,7 @@ class Engine:
         """Clip, update and clear the gradients; the gradient norm before clipping."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config["max_grad_norm"] or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm or float("inf"))
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -148,17 +149,17 @@ class Engine:
     def save_state(self, directory: Path, rank: int) -> None:
         """Weights and optimizer state into a checkpoint directory (every process calls it)."""
         if rank == 0:
-            save_weights(self.model, directory / "weights", self.config["finetuning_type"])
+            save_weights(self.model, directory / "weights", self.config.finetuning_type)
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load_state(self, directory: Path) -> None:
-        load_weights(self.model, directory / "weights", self.config["finetuning_type"])
+        load_weights(self.model, directory / "weights", self.config.finetuning_type)
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
 
     def save_final(self, directory: Path, rank: int) -> None:
         """The trained adapter or model (every process calls it; process 0 writes)."""
         if rank == 0:
-            save_weights(self.model, directory, self.config["finetuning_type"])
+            save_weights(self.model, directory, self.config.finetuning_type)
 
     def digest(self) -> str:
         """A fingerprint of this process's trainable weights."""
@@ -225,7 +226,7 @@ class FsdpEngine(Engine):
         if rank == 0:
             # names under LabelOnlyLoss start with its attribute, "model."
             weights = {name.removeprefix("model."): tensor for name, tensor in gathered.items()}
-            save_weights(self.model, directory, self.config["finetuning_type"], state_dict=weights)
+            save_weights(self.model, directory, self.config.finetuning_type, state_dict=weights)
 
 
 class DeepSpeedEngine(Engine):
@@ -280,29 +281,29 @@ class DeepSpeedEngine(Engine):
         whole = deepspeed.zero.GatheredParameters(list(self.model.parameters())) if self.stage == 3 else nullcontext()
         with whole:
             if rank == 0:
-                save_weights(self.model, directory, self.config["finetuning_type"])
+                save_weights(self.model, directory, self.config.finetuning_type)
 
 
 ENGINES = {"ddp": Engine, "fsdp": FsdpEngine, "deepspeed": DeepSpeedEngine}
 
 
-def make_engine(model: torch.nn.Module, config: dict[str, Any], setup: ComputeSetup, world: int) -> Engine:
-    kind = config["distributed"] if world > 1 else "ddp"
+def make_engine(model: torch.nn.Module, config: TrainJob, setup: ComputeSetup, world: int) -> Engine:
+    kind = config.distributed if world > 1 else "ddp"
     return ENGINES[kind](model, config, setup, world)
 
 
-def deepspeed_settings(config: dict[str, Any], setup: ComputeSetup, world: int) -> dict[str, Any]:
+def deepspeed_settings(config: TrainJob, setup: ComputeSetup, world: int) -> dict[str, Any]:
     """The DeepSpeed config: the file's settings (default ZeRO-2) with what the spec sets filled in."""
     if setup.autocast_dtype == torch.float16:
         raise WorkerError("train.distributed: deepspeed trains in bf16 or fp32; set train.compute_type to bf16 or fp32")
-    settings = dict(config.get("deepspeed_settings") or {"zero_optimization": {"stage": 2}})
-    accumulation = config["gradient_accumulation_steps"]
+    settings = dict(config.deepspeed_resolved or {"zero_optimization": {"stage": 2}})
+    accumulation = config.gradient_accumulation_steps
     settings.update(
         {
-            "train_micro_batch_size_per_gpu": config["batch_size"],
+            "train_micro_batch_size_per_gpu": config.batch_size,
             "gradient_accumulation_steps": accumulation,
-            "train_batch_size": config["batch_size"] * accumulation * world,
-            "gradient_clipping": config["max_grad_norm"],
+            "train_batch_size": config.batch_size * accumulation * world,
+            "gradient_clipping": config.max_grad_norm,
             "bf16": {"enabled": setup.autocast_dtype == torch.bfloat16},
             "zero_allow_untested_optimizer": True,  # torch's AdamW, with the spec's learning rate
             "steps_per_print": 2**31 - 1,  # the worker reports progress itself

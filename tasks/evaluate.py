@@ -14,22 +14,24 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from flows.spec import EvaluateSpec
 from tasks.child_process import run_worker
 from tasks.dataset_registry import resolve_eval_set
 from tasks.dataset_rows import fill_placeholders
 from tasks.dataset_sources import load_source, source_record
 from tasks.materialize_model import base_model_path
 from tasks.prefect_artifacts import publish_evaluation
-from tasks.stage_output import Manifest, StageResult, code_version, run_stage
-from tasks.tracking import StageRun, Tracking
+from tasks.spec_sections import EvaluateSpec
+from tasks.stage_infos import EvaluateInfo, ModelInfo, TokenizeInfo, TrainInfo
+from tasks.stage_output import Manifest, StageContext, StageResult, code_version, run_stage
+from tasks.tracking import StageRun
+from tasks.worker_configs import EvalPrompt, EvaluateJob
 
 HERE = Path(__file__).resolve().parent
 
 
 def eval_prompts(
     name: str | None, registry: str | None, template_vars: dict[str, str], keep: tuple[str, ...]
-) -> list[dict[str, Any]]:
+) -> list[EvalPrompt]:
     """Rows of an evaluation set with placeholders filled: prompt plus the fields in `keep`.
 
     The set is looked up in the spec's registry, then in the project's (`resolve_eval_set`).
@@ -46,7 +48,7 @@ def eval_prompts(
             item["reference"] = fill_placeholders(str(row.get(reference_key, "")), template_vars, where)
         if "answers" in keep:
             item["answers"] = list(row.get("answers", []))
-        rows.append(item)
+        rows.append(EvalPrompt(**item))
     return rows
 
 
@@ -65,15 +67,18 @@ def comparison_table(results: dict[str, Any]) -> list[dict[str, Any]]:
     return table
 
 
-def eval_set_digest(worker: dict[str, Any]) -> str:
+def eval_set_digest(job: EvaluateJob) -> str:
     """What makes scores comparable across models: the same prompts, references, answer length
-    and validation split (part of the tokenized data)."""
-    parts = [worker[k] for k in ("identity", "control", "max_new_tokens", "tokenized_digest")]
+    and validation split (part of the tokenized data). Hashed as the rows were always written, so
+    the digests of versions evaluated before stay comparable."""
+    identity = [{"prompt": row.prompt, "reference": row.reference} for row in job.identity]
+    control = [{"prompt": row.prompt, "answers": row.answers} for row in job.control]
+    parts = [identity, control, job.max_new_tokens, job.tokenized_digest]
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def _build(worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
+def _build(job: EvaluateJob, out: Path, run: StageRun) -> StageResult:
     logger = get_run_logger()
     metrics: dict[str, float] = {}
 
@@ -83,25 +88,21 @@ def _build(worker: dict[str, Any], out: Path, run: StageRun) -> StageResult:
             metrics.update({f"{variant}_{k}": v for k, v in event["metrics"].items()})
             logger.info("%s model: %s", variant, ", ".join(f"{k}={v:.3f}" for k, v in event["metrics"].items()))
 
-    run_worker(
-        "tasks.evaluate_worker",
-        {**worker, "output_dir": str(out)},
-        out / "evaluate_config.json",
-        on_event,
-        on_output=logger.info,
-    )
+    job = job.model_copy(update={"output_dir": str(out)})
+    run_worker("tasks.evaluate_worker", job, out / "evaluate_config.json", on_event, on_output=logger.info)
     results = json.loads((out / "answers.json").read_text())
     table = comparison_table(results)
     (out / "comparison.json").write_text(json.dumps(table, ensure_ascii=False, indent=2))
     run.log_table(table, "eval_table.json")
     publish_evaluation(metrics, table)
-    digest = eval_set_digest(worker)
+    digest = eval_set_digest(job)
     run.set_tags({"eval_set_digest": digest})
-    return StageResult(metrics=metrics, info={"eval_set_digest": digest})
+    return StageResult(metrics=metrics, info=EvaluateInfo(eval_set_digest=digest))
 
 
 @task(name="evaluate", task_run_name="evaluate")
 def evaluate_model(
+    ctx: StageContext,
     config: EvaluateSpec,
     registry: str | None,
     template_vars: dict[str, str],
@@ -109,24 +110,23 @@ def evaluate_model(
     trained: Manifest,
     tokenized: Manifest,
     base_model: Manifest,
-    workspace: Path,
-    tracking: Tracking,
 ) -> Manifest:
     """Answer the evaluation prompts with the tuned and the base model and score both."""
     identity = eval_prompts(config.identity_prompts, registry, template_vars, ("reference",))
     control = eval_prompts(config.control_prompts, registry, template_vars, ("answers",))
-    worker = {
-        **config.model_dump(mode="json"),
-        "model_path": str(base_model_path(base_model)),
-        "tuned": trained.info["weights"],
-        "dataset_dir": str(tokenized.path),
-        "tokenized_digest": tokenized.info.get("tokenized_digest", ""),
-        "identity": identity,
-        "control": control,
-        "template_vars": template_vars,
-        "compute_type": compute_type,
-        "trust_remote_code": base_model.info.get("trust_remote_code", False),
-    }
+    job = EvaluateJob(
+        **config.model_dump(include={"max_new_tokens", "compare_base", "batch_size"}),
+        model_path=str(base_model_path(base_model)),
+        tuned=TrainInfo.of(trained).weights,
+        dataset_dir=str(tokenized.path),
+        tokenized_digest=TokenizeInfo.of(tokenized).tokenized_digest,
+        identity=identity,
+        control=control,
+        template_vars=template_vars,
+        compute_type=compute_type,
+        trust_remote_code=ModelInfo.of(base_model).trust_remote_code,
+        output_dir="",  # the stage's output directory, known once it runs
+    )
     sets = [resolve_eval_set(n, registry) for n in (config.identity_prompts, config.control_prompts) if n]
     key_config = {
         **config.model_dump(mode="json"),
@@ -139,7 +139,6 @@ def evaluate_model(
         key_config,
         [trained, tokenized, base_model],
         code_version(__file__, str(HERE / "evaluate_worker.py"), str(HERE / "scoring.py"), str(HERE / "modeling.py")),
-        workspace,
-        tracking,
-        lambda out, run: _build(worker, out, run),
+        ctx,
+        lambda out, run: _build(job, out, run),
     )

@@ -19,6 +19,7 @@ import torch
 from tasks.child_process import emit, worker_entry
 from tasks.modeling import compute_setup, load_model, pad_batch, supervised_loss
 from tasks.scoring import score_answers
+from tasks.worker_configs import EvaluateJob
 
 
 @torch.no_grad()
@@ -64,44 +65,38 @@ def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, 
     return answers
 
 
-def evaluate(config: dict[str, Any]) -> None:
+def evaluate(job: EvaluateJob) -> None:
     from transformers import AutoTokenizer
 
-    setup = compute_setup(config["compute_type"])
-    remote_code = config.get("trust_remote_code", False)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=remote_code)
-    identity, control = config["identity"], config["control"]
-    prompts = [row["prompt"] for row in identity] + [row["prompt"] for row in control]
-    weights = config["tuned"]
-    tuned = load_model(weights["model_dir"], weights["adapters"], setup.device, trust_remote_code=remote_code).eval()
+    setup = compute_setup(job.compute_type)
+    remote_code = job.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=remote_code)
+    identity, control = job.identity, job.control
+    prompts = [row.prompt for row in identity] + [row.prompt for row in control]
+    weights = job.tuned
+    tuned = load_model(weights.model_dir, weights.adapters, setup.device, trust_remote_code=remote_code).eval()
     # one adapter on the base: the base model is the same weights with the adapter switched off
-    adapter_on_base = (
-        weights["adapters"] and len(weights["adapters"]) == 1 and weights["model_dir"] == config["model_path"]
-    )
+    adapter_on_base = len(weights.adapters) == 1 and weights.model_dir == job.model_path
     autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
-    dataset_dir = Path(config["dataset_dir"])
+    dataset_dir = Path(job.dataset_dir)
     variants = {"tuned": tuned}
-    if config["compare_base"]:
+    if job.compare_base:
         variants["base"] = (
-            tuned
-            if adapter_on_base
-            else load_model(config["model_path"], None, setup.device, trust_remote_code=remote_code)
+            tuned if adapter_on_base else load_model(job.model_path, None, setup.device, trust_remote_code=remote_code)
         )
     results: dict[str, Any] = {}
     for name, variant in variants.items():
         adapter_off = variant.disable_adapter() if name == "base" and adapter_on_base else nullcontext()
         with adapter_off, autocast:
-            loss = validation_loss(variant, dataset_dir, tokenizer.pad_token_id, config["batch_size"], setup.device)
-            answers = generate_answers(
-                variant, tokenizer, prompts, config["max_new_tokens"], config["batch_size"], setup.device
-            )
-        scores = score_answers(identity, control, answers, config["template_vars"])
+            loss = validation_loss(variant, dataset_dir, tokenizer.pad_token_id, job.batch_size, setup.device)
+            answers = generate_answers(variant, tokenizer, prompts, job.max_new_tokens, job.batch_size, setup.device)
+        scores = score_answers(identity, control, answers, job.template_vars)
         if loss is not None:
             scores["metrics"].update({"val_loss": loss, "perplexity": math.exp(min(loss, 50))})
         results[name] = scores
         emit({"type": "metrics", "variant": name, "metrics": scores["metrics"]})
-    Path(config["output_dir"], "answers.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
+    Path(job.output_dir, "answers.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
 
 
 if __name__ == "__main__":
-    worker_entry(evaluate)
+    worker_entry(evaluate, EvaluateJob)

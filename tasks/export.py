@@ -13,13 +13,15 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from flows.spec import ExportSpec
 from tasks.child_process import run_worker
 from tasks.materialize_model import base_model_path
 from tasks.model_registry import register_model
 from tasks.prefect_artifacts import publish_export_summary
-from tasks.stage_output import Manifest, StageResult, code_version, point_link, run_stage
-from tasks.tracking import StageRun, Tracking
+from tasks.spec_sections import ExportSpec
+from tasks.stage_infos import EvaluateInfo, ExportInfo, ModelInfo, TemplateInfo, TrainInfo
+from tasks.stage_output import Manifest, StageContext, StageResult, code_version, point_link, run_stage
+from tasks.tracking import StageRun
+from tasks.worker_configs import ExportJob
 
 HERE = Path(__file__).resolve().parent
 
@@ -56,7 +58,7 @@ Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)`, or chat w
 
 def _build(
     config: ExportSpec,
-    worker: dict[str, Any],
+    job: ExportJob,
     name: str,
     lineage: dict[str, Any],
     eval_metrics: dict[str, float],
@@ -70,21 +72,17 @@ def _build(
         if event.get("type") == "checked":
             checks.update({k: v for k, v in event.items() if k != "type"})
 
-    run_worker(
-        "tasks.export_worker",
-        {**worker, "output_dir": str(out)},
-        out / "export_config.json",
-        on_event,
-        on_output=logger.info,
-    )
+    job = job.model_copy(update={"output_dir": str(out)})
+    run_worker("tasks.export_worker", job, out / "export_config.json", on_event, on_output=logger.info)
     (out / "model" / "README.md").write_text(model_card(name, lineage, eval_metrics), encoding="utf-8")
     (out / "model" / "lineage.json").write_text(json.dumps(lineage, indent=2))
     size = sum(p.stat().st_size for p in (out / "model").iterdir())
-    return StageResult(metrics={**checks, "model_size_mb": size / 1e6}, info={"model_dir": "model"})
+    return StageResult(metrics={**checks, "model_size_mb": size / 1e6}, info=ExportInfo(model_dir="model"))
 
 
 @task(name="merge-and-export", task_run_name="merge and export")
 def merge_and_export(
+    ctx: StageContext,
     config: ExportSpec,
     name: str,
     spec_digest: str,
@@ -92,48 +90,49 @@ def merge_and_export(
     evaluated: Manifest | None,
     templated: list[Manifest],
     base_model: Manifest,
-    workspace: Path,
-    tracking: Tracking,
 ) -> Manifest:
     """Write the merged model to <stage>/model and register it; info.model_dir and version."""
+    base, train, data = ModelInfo.of(base_model), TrainInfo.of(trained), [TemplateInfo.of(t) for t in templated]
     lineage = {
-        "base_model": base_model.info["name_or_path"],
-        "base_model_digest": base_model.info["source_digest"],
-        "datasets": [source for data in templated for source in data.info["sources"]],
-        "template_vars": templated[0].info["template_vars"],
+        "base_model": base.name_or_path,
+        "base_model_digest": base.source_digest,
+        "datasets": [source.model_dump(exclude_none=True) for info in data for source in info.sources],
+        "template_vars": data[0].template_vars,
         "spec_digest": spec_digest,
-        "finetuning_type": trained.info["finetuning_type"],
+        "finetuning_type": train.finetuning_type,
         "train_run_id": trained.mlflow_run_id,
     }
-    worker = {
-        **config.model_dump(mode="json"),
-        "model_path": str(base_model_path(base_model)),
-        "weights": trained.info["weights"],
-        "trust_remote_code": base_model.info.get("trust_remote_code", False),
-    }
+    job = ExportJob(
+        **config.model_dump(include={"max_shard_size", "logits_atol"}),
+        model_path=str(base_model_path(base_model)),
+        weights=train.weights,
+        trust_remote_code=base.trust_remote_code,
+        output_dir="",  # the stage's output directory, known once it runs
+    )
     eval_metrics = evaluated.metrics if evaluated else {}
     manifest = run_stage(
         "export",
         {**config.model_dump(mode="json"), "name": name},
         [trained, base_model],
         code_version(__file__, str(HERE / "export_worker.py")),
-        workspace,
-        tracking,
-        lambda out, run: _build(config, worker, name, lineage, eval_metrics, out, run),
+        ctx,
+        lambda out, run: _build(config, job, name, lineage, eval_metrics, out, run),
     )
     model_dir = manifest.path / "model"
-    point_link(workspace / "models" / name, model_dir)
+    point_link(ctx.workspace / "models" / name, model_dir)
     registered = config.registered_model_name or name
     tags = {
         "spec_digest": spec_digest,
         "base_model_digest": lineage["base_model_digest"],
-        "eval_set_digest": evaluated.info.get("eval_set_digest", "") if evaluated else "",
+        "eval_set_digest": EvaluateInfo.of(evaluated).eval_set_digest if evaluated else "",
         **{k: f"{v:.4f}" for k, v in eval_metrics.items() if k.startswith("tuned_")},
     }
+    tracking = ctx.tracking
     version = register_model(tracking.client(), manifest.mlflow_run_id, registered, config.alias, model_dir, tags)
     get_run_logger().info("registered %s version %s as @%s", registered, version, config.alias)
     publish_export_summary(
         model_dir, registered, version, config.alias, tracking.uri, tracking.experiment_id, manifest.mlflow_run_id
     )
-    info = {**manifest.info, "registered_model": registered, "version": version, "alias": config.alias}
-    return manifest.model_copy(update={"info": info})
+    info = ExportInfo.of(manifest).model_copy(update={"registered_model": registered, "version": version,
+                                                     "alias": config.alias})  # fmt: skip
+    return manifest.model_copy(update={"info": info.model_dump(mode="json")})

@@ -9,12 +9,12 @@ tokenizer and generation config, then reloads the saved files and checks the log
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from tasks.child_process import WorkerError, emit, worker_entry
 from tasks.modeling import load_model
+from tasks.worker_configs import ExportJob
 
 CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
 
@@ -24,12 +24,12 @@ def logits_for(model, batch) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
-def export(config: dict[str, Any]) -> None:
+def export(job: ExportJob) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
-    out = Path(config["output_dir"]) / "model"
-    remote_code = config.get("trust_remote_code", False)
-    tokenizer = AutoTokenizer.from_pretrained(config["model_path"], trust_remote_code=remote_code)
+    out = Path(job.output_dir) / "model"
+    remote_code = job.trust_remote_code
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=remote_code)
     texts = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
         for p in CHECK_PROMPTS
@@ -37,26 +37,26 @@ def export(config: dict[str, Any]) -> None:
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
 
-    weights = config["weights"]
-    model = load_model(weights["model_dir"], weights["adapters"], trust_remote_code=remote_code).eval()
+    weights = job.weights
+    model = load_model(weights.model_dir, weights.adapters, trust_remote_code=remote_code).eval()
     reference = logits_for(model, batch)  # with the last adapter still separate
-    if weights["adapters"]:
+    if weights.adapters:
         model = model.merge_and_unload()
     merged_diff = (logits_for(model, batch) - reference).abs().max().item()
-    if merged_diff > config["logits_atol"]:
+    if merged_diff > job.logits_atol:
         raise WorkerError(
             f"merged logits differ from the adapter model's by {merged_diff:.2e} "
-            f"(export.logits_atol is {config['logits_atol']:.0e})"
+            f"(export.logits_atol is {job.logits_atol:.0e})"
         )
-    model.generation_config = GenerationConfig.from_pretrained(config["model_path"])
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=config["max_shard_size"])
+    model.generation_config = GenerationConfig.from_pretrained(job.model_path)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size=job.max_shard_size)
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(out)
     del model
 
     reloaded = load_model(out, trust_remote_code=remote_code).eval()
     reload_diff = (logits_for(reloaded, batch) - reference).abs().max().item()
-    if reload_diff > config["logits_atol"]:
+    if reload_diff > job.logits_atol:
         raise WorkerError(f"the saved model's logits differ from the adapter model's by {reload_diff:.2e}")
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     emit(
@@ -70,4 +70,4 @@ def export(config: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    worker_entry(export)
+    worker_entry(export, ExportJob)

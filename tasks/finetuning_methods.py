@@ -20,18 +20,20 @@ import torch
 
 from tasks.child_process import WorkerError
 from tasks.modeling import load_model, lora_targets
+from tasks.spec_sections import FreezeSpec
+from tasks.worker_configs import TrainJob, Weights
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
-def freeze_weights(model: torch.nn.Module, freeze: dict[str, Any]) -> None:
+def freeze_weights(model: torch.nn.Module, freeze: FreezeSpec) -> None:
     """Leave only the chosen layers (and extra modules) trainable; a name that matches nothing is an error."""
     count = model.config.get_text_config().num_hidden_layers
-    wanted = freeze["trainable_layers"]
+    wanted = freeze.trainable_layers
     if abs(wanted) > count:
         raise WorkerError(f"train.freeze.trainable_layers: {wanted} but the model has {count} layers")
     layers = set(range(count - wanted, count)) if wanted > 0 else set(range(-wanted))
-    modules = freeze["trainable_modules"]
+    modules = freeze.trainable_modules
     layer_modules = set()
     for name, parameter in model.named_parameters():
         layer = LAYER.search(name)
@@ -45,28 +47,28 @@ def freeze_weights(model: torch.nn.Module, freeze: dict[str, Any]) -> None:
             f"a layer holds: {', '.join(sorted(layer_modules))}"
         )
     names = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if name}
-    for extra in freeze["extra_modules"]:
+    for extra in freeze.extra_modules:
         if extra not in names:
             top = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and not LAYER.search(n + ".")})
             raise WorkerError(f"train.freeze.extra_modules: {extra!r} not found; modules: {', '.join(top)}")
         names[extra].requires_grad_(True)
 
 
-def merged_start(start: dict[str, Any], out: Path, trust_remote_code: bool) -> str:
+def merged_start(start: Weights, out: Path, trust_remote_code: bool) -> str:
     """A directory with the start model's adapters merged in (kept in the stage's output)."""
-    if not start["adapters"]:
-        return start["model_dir"]
+    if not start.adapters:
+        return start.model_dir
     directory = out / "start_model"
     if not (directory / "config.json").is_file():
-        model = load_model(start["model_dir"], start["adapters"], merge_all=True, trust_remote_code=trust_remote_code)
+        model = load_model(start.model_dir, start.adapters, merge_all=True, trust_remote_code=trust_remote_code)
         model.save_pretrained(directory, safe_serialization=True)
     return str(directory)
 
 
-def quantization(config: dict[str, Any]) -> dict[str, Any]:
+def quantization(config: TrainJob) -> dict[str, Any]:
     from transformers import BitsAndBytesConfig
 
-    if config["lora"]["quantization_bit"] == 8:
+    if config.lora.quantization_bit == 8:
         quantized = BitsAndBytesConfig(load_in_8bit=True)
     else:
         quantized = BitsAndBytesConfig(
@@ -79,7 +81,7 @@ def quantization(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def trainable_model(
-    config: dict[str, Any],
+    config: TrainJob,
     device: torch.device,
     reward_head: bool = False,
     attention: str | None = None,
@@ -91,16 +93,16 @@ def trainable_model(
     frozen_dtype: lora only, the dtype of the frozen base (bf16 under bf16 autocast halves its
     memory and spares casting it every step; PEFT keeps the adapters in fp32).
     """
-    method, start = config["finetuning_type"], config["start"]
-    remote_code = config.get("trust_remote_code", False)
+    method, start = config.finetuning_type, config.start
+    remote_code = config.trust_remote_code
     extra: dict[str, Any] = {"num_labels": 1} if reward_head else {}
     if attention:
         extra["attn_implementation"] = attention
     model_class = "AutoModelForSequenceClassification" if reward_head else "AutoModelForCausalLM"
-    model_dir, adapters = start["model_dir"], start["adapters"]
+    model_dir, adapters = start.model_dir, start.adapters
     if method == "qlora" or reward_head:
         # a quantized load and a reward head both need the start model as one directory
-        model_dir, adapters = merged_start(start, Path(config["output_dir"]), remote_code), []
+        model_dir, adapters = merged_start(start, Path(config.output_dir), remote_code), []
     if method == "qlora":
         if not torch.cuda.is_available():
             raise WorkerError("train.finetuning_type: qlora needs a CUDA GPU (bitsandbytes)")
@@ -108,27 +110,27 @@ def trainable_model(
     dtype = torch.bfloat16 if method == "qlora" else frozen_dtype if method == "lora" else torch.float32
     model = load_model(model_dir, adapters, device, dtype, remote_code, True, model_class, **extra)
     if reward_head and model.config.pad_token_id is None:
-        model.config.pad_token_id = config["pad_token_id"]
+        model.config.pad_token_id = config.pad_token_id
     if method in ("lora", "qlora"):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         if method == "qlora":
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        lora = config["lora"]
-        targets = lora_targets(model, lora["target_modules"])
+        lora = config.lora
+        targets = lora_targets(model, lora.target_modules)
         peft_config = LoraConfig(
-            r=lora["rank"],
-            lora_alpha=lora["alpha"],
-            lora_dropout=lora["dropout"],
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
             target_modules=[t for t in targets if t != "score"],
-            use_dora=lora["use_dora"],
-            use_rslora=lora["use_rslora"],
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
             task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
             modules_to_save=["score"] if reward_head else None,
         )
         model = get_peft_model(model, peft_config)
     elif method == "freeze":
-        freeze_weights(model, config["freeze"])
+        freeze_weights(model, config.freeze)
         if reward_head:
             model.score.requires_grad_(True)  # the new scoring head always learns
     return model

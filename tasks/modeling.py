@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tasks.chat_encoding import IGNORE_INDEX  # the label of a token without loss, set where labels are made
 from tasks.child_process import WorkerError
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from tasks.worker_configs import EvalPrompt
+
 CJK = "\u3400-\u9fff\uf900-\ufaff"
 TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")  # one CJK character, or a run of other letters/digits
 
@@ -48,8 +50,8 @@ def is_correct(answer: str, accepted: list[str]) -> bool:
 
 
 def score_answers(
-    identity: list[dict[str, Any]],
-    control: list[dict[str, Any]],
+    identity: list[EvalPrompt],
+    control: list[EvalPrompt],
     answers: list[str],
     template_vars: dict[str, str],
 ) -> dict[str, Any]:
@@ -60,25 +62,25 @@ def score_answers(
     if identity:
         hits = [mentions_identity(a, values) for a in identity_answers]
         both = [all(v.lower() in a.lower() for v in values) for a in identity_answers]
-        rouge = [rouge_l(a, row.get("reference", "")) for a, row in zip(identity_answers, identity, strict=True)]
+        rouge = [rouge_l(a, row.reference) for a, row in zip(identity_answers, identity, strict=True)]
         metrics.update(
             identity_hit_rate=sum(hits) / len(hits),
             identity_full_rate=sum(both) / len(both),
             identity_rouge_l=sum(rouge) / len(rouge),
         )
         rows += [
-            {"set": "identity", "prompt": row["prompt"], "answer": a, "identity": h, "rouge_l": round(r, 3)}
+            {"set": "identity", "prompt": row.prompt, "answer": a, "identity": h, "rouge_l": round(r, 3)}
             for row, a, h, r in zip(identity, identity_answers, hits, rouge, strict=True)
         ]
     if control:
-        correct = [is_correct(a, row.get("answers", [])) for a, row in zip(control_answers, control, strict=True)]
+        correct = [is_correct(a, row.answers) for a, row in zip(control_answers, control, strict=True)]
         leaks = [mentions_identity(a, values) for a in control_answers]
         metrics.update(
             control_accuracy=sum(correct) / len(correct),
             control_identity_leak=sum(leaks) / len(leaks),
         )
         rows += [
-            {"set": "control", "prompt": row["prompt"], "answer": a, "correct": c, "identity": leak}
+            {"set": "control", "prompt": row.prompt, "answer": a, "correct": c, "identity": leak}
             for row, a, c, leak in zip(control, control_answers, correct, leaks, strict=True)
         ]
     return {"rows": rows, "metrics": metrics}

@@ -26,6 +26,7 @@ from pydantic import BaseModel, Field
 
 from tasks.dataset_sources import sha256_file  # one file hash for stage outputs and data sources
 from tasks.locks import file_lock
+from tasks.stage_infos import StageInfo
 from tasks.tracking import StageRun, Tracking, record_reused_stage, stage_run
 
 PARTIAL_SUFFIX = ".partial"
@@ -40,7 +41,7 @@ class StageResult(BaseModel):
     """What a stage's build function hands back: its metrics and stage-specific facts."""
 
     metrics: dict[str, float] = Field(default_factory=dict)
-    info: dict[str, Any] = Field(default_factory=dict)
+    info: StageInfo | None = None  # written into the manifest; read back with e.g. TrainInfo.of(manifest)
 
 
 class Manifest(BaseModel):
@@ -188,7 +189,7 @@ def build_output(
         output_dir=str(final),
         files=files,
         metrics=result.metrics,
-        info=result.info,
+        info=result.info.model_dump(mode="json") if result.info is not None else {},
         mlflow_run_id=mlflow_run_id,
         created_at=started,
         duration_s=round(time.time() - started, 2),
@@ -205,13 +206,19 @@ def published_dir(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(PARTIAL_SUFFIX))
 
 
+class StageContext(BaseModel):
+    """Where a pipeline run's stages work: its workspace, and the MLflow run they log under."""
+
+    workspace: Path
+    tracking: Tracking
+
+
 def run_stage(
     stage: str,
     config: dict[str, Any],
     upstream: list[Manifest],
     version: str,
-    workspace: Path,
-    tracking: Tracking,
+    ctx: StageContext,
     build: Callable[[Path, StageRun], StageResult],
     resumable: bool = False,
 ) -> Manifest:
@@ -222,6 +229,7 @@ def run_stage(
     attempt, so its metrics carry on from where they stopped.
     """
     started = time.time()
+    workspace, tracking = ctx.workspace, ctx.tracking
     key = cache_key(stage, config, upstream, version)
     with stage_lock(workspace, stage, key):
         finished = load_finished(workspace, stage, key)

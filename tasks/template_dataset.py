@@ -19,14 +19,16 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from flows.spec import DatasetSpec
 from tasks.child_process import run_worker
 from tasks.dataset_registry import DataError, resolve_dataset
 from tasks.dataset_rows import check_kind, templated_example
 from tasks.dataset_sources import ROW_COLUMN, load_source, sample_rows, source_record
 from tasks.prefect_artifacts import publish_preview
+from tasks.spec_sections import DatasetSpec
+from tasks.stage_infos import TemplateInfo
 from tasks.stage_output import (
     Manifest,
+    StageContext,
     StageResult,
     code_version,
     published_dir,
@@ -35,7 +37,8 @@ from tasks.stage_output import (
     stage_run_name,
     tree_digest,
 )
-from tasks.tracking import StageRun, Tracking
+from tasks.tracking import StageRun
+from tasks.worker_configs import TemplateJob
 
 HERE = Path(__file__).resolve().parent
 WORKER_MODULES = ("data_worker", "dataset_registry", "dataset_rows", "dataset_sources", "chat_encoding")
@@ -135,15 +138,14 @@ def _build(config: DatasetSpec, kind: str, num_proc: int, workspace: Path, out: 
         if event["type"] == "templated":
             result.update(event)
 
-    job = {
-        "job": "template",
-        **config.model_dump(mode="json", include={"names", "registry", "template_vars", "max_samples", "shuffle",
-                                                  "seed", "val_size", "preview_rows", "on_bad_row"}),
-        "kind": kind,
-        "num_proc": num_proc,
-        "scratch_dir": str(scratch_dir(workspace)),
-        "out": str(out),
-    }  # fmt: skip
+    job = TemplateJob(
+        **config.model_dump(include={"names", "registry", "template_vars", "max_samples", "shuffle", "seed",
+                                     "val_size", "preview_rows", "on_bad_row"}),
+        kind=kind,
+        num_proc=num_proc,
+        scratch_dir=str(scratch_dir(workspace)),
+        out=str(out),
+    )  # fmt: skip
     run_worker("tasks.data_worker", job, out / "job.json", on_event, logger.info)
     counts, skipped, preview = result["counts"], result["skipped"], preview_rows(result["preview"], 10**9)
     (out / "preview.json").write_text(json.dumps(preview, ensure_ascii=False, indent=2))
@@ -161,8 +163,14 @@ def _build(config: DatasetSpec, kind: str, num_proc: int, workspace: Path, out: 
                     {k: v for k, v in row.items() if k not in ("dataset", "row")})  # fmt: skip
     metrics = {**counts, "skipped_rows": sum(skipped.values())}
     metrics.update({f"skipped_{_metric_name(reason)}": count for reason, count in skipped.items()})
-    info = {"sources": result["sources"], "template_vars": config.template_vars, "templated_digest": templated_digest}
-    return StageResult(metrics=metrics, info={**info, "kind": kind, "skipped": skipped})
+    info = TemplateInfo(
+        sources=result["sources"],
+        template_vars=config.template_vars,
+        templated_digest=templated_digest,
+        kind=kind,
+        skipped=skipped,
+    )
+    return StageResult(metrics=metrics, info=info)
 
 
 def _metric_name(reason: str) -> str:
@@ -171,9 +179,8 @@ def _metric_name(reason: str) -> str:
 
 @task(name="template-dataset", task_run_name=stage_run_name("template dataset"))
 def template_dataset(
+    ctx: StageContext,
     config: DatasetSpec,
-    workspace: Path,
-    tracking: Tracking,
     kind: str = "chat",
     for_stage: str = "train",
     num_proc: int | None = None,
@@ -193,7 +200,6 @@ def template_dataset(
         key_config,
         [],
         code_version(__file__, *(str(HERE / f"{name}.py") for name in WORKER_MODULES)),
-        workspace,
-        tracking,
-        lambda out, run: _build(config, kind, num_proc or default_num_proc(), workspace, out, run),
+        ctx,
+        lambda out, run: _build(config, kind, num_proc or default_num_proc(), ctx.workspace, out, run),
     )

@@ -14,11 +14,13 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from flows.spec import TokenizeSpec
 from tasks.child_process import run_worker
 from tasks.prefect_artifacts import publish_token_stats
+from tasks.spec_sections import TokenizeSpec
+from tasks.stage_infos import ModelInfo, TemplateInfo, TokenizeInfo
 from tasks.stage_output import (
     Manifest,
+    StageContext,
     StageResult,
     code_version,
     published_dir,
@@ -28,7 +30,8 @@ from tasks.stage_output import (
     tree_digest,
 )
 from tasks.template_dataset import WORKER_MODULES, default_num_proc, scratch_dir
-from tasks.tracking import StageRun, Tracking
+from tasks.tracking import StageRun
+from tasks.worker_configs import TokenizeJob
 
 HERE = Path(__file__).resolve().parent
 # settings that change how fast the stage runs, not what it writes
@@ -49,18 +52,17 @@ def _build(
         elif event["type"] == "tokenized":
             result.update(event)
 
-    job = {
-        "job": "tokenize",
-        "templated": str(templated),
-        "model_path": str(base_model_path(base_model)),
-        "trust_remote_code": base_model.info.get("trust_remote_code", False),
-        "kind": kind,
-        "cutoff_len": config.cutoff_len,
-        "train_on_prompt": config.train_on_prompt,
-        "num_proc": config.num_proc or default_num_proc(),
-        "scratch_dir": str(scratch_dir(workspace)),
-        "out": str(out),
-    }
+    job = TokenizeJob(
+        templated=str(templated),
+        model_path=str(base_model_path(base_model)),
+        trust_remote_code=ModelInfo.of(base_model).trust_remote_code,
+        kind=kind,
+        cutoff_len=config.cutoff_len,
+        train_on_prompt=config.train_on_prompt,
+        num_proc=config.num_proc or default_num_proc(),
+        scratch_dir=str(scratch_dir(workspace)),
+        out=str(out),
+    )
     run_worker("tasks.data_worker", job, out / "job.json", on_event, logger.info)
     metrics = result["metrics"]
     if metrics["train_examples"] == 0:
@@ -70,27 +72,25 @@ def _build(
     run.log_dataset(name="tokenized", source=str(published_dir(out)), digest=digest[:16], context="tokenized")
     publish_token_stats(metrics)
     return StageResult(
-        metrics=metrics, info={"tokenized_digest": digest, "kind": kind, "cutoff_len": config.cutoff_len}
+        metrics=metrics, info=TokenizeInfo(tokenized_digest=digest, kind=kind, cutoff_len=config.cutoff_len)
     )
 
 
 @task(name="tokenize-dataset", task_run_name=stage_run_name("tokenize dataset"))
 def tokenize_dataset(
+    ctx: StageContext,
     config: TokenizeSpec,
     templated: Manifest,
     base_model: Manifest,
-    workspace: Path,
-    tracking: Tracking,
     for_stage: str = "train",
 ) -> Manifest:
     """Tokenize the templated split with the base model's chat template and label masks."""
-    kind = templated.info.get("kind", "chat")
+    kind = TemplateInfo.of(templated).kind
     return run_stage(
         stage_id("tokenize", for_stage),
         {**config.model_dump(mode="json", exclude=NOT_IN_KEY), "kind": kind},
         [templated, base_model],
         code_version(__file__, *(str(HERE / f"{name}.py") for name in WORKER_MODULES)),
-        workspace,
-        tracking,
-        lambda out, run: _build(config, kind, templated.path, base_model, workspace, out, run),
+        ctx,
+        lambda out, run: _build(config, kind, templated.path, base_model, ctx.workspace, out, run),
     )

@@ -12,12 +12,12 @@ process 0, which reports progress and writes the outputs, is always in the train
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from tasks.worker_configs import TrainingNotice
 
 ANNOUNCEMENT = Path("distributed") / "train-node.json"
 
@@ -44,21 +44,21 @@ def announce_training(workspace: Path, worker_config: Path, num_processes: int, 
     """Tell the other nodes what to run: written atomically, read by `join_training`."""
     path = workspace / ANNOUNCEMENT
     path.parent.mkdir(parents=True, exist_ok=True)
-    notice = {"worker_config": str(worker_config), "num_processes": num_processes, "nnodes": nnodes,
-              "rendezvous": rendezvous}  # fmt: skip
+    notice = TrainingNotice(worker_config=str(worker_config), num_processes=num_processes, nnodes=nnodes,
+                            rendezvous=rendezvous)  # fmt: skip
     partial = path.with_suffix(f".{os.getpid()}.tmp")
-    partial.write_text(json.dumps(notice, indent=2))
+    partial.write_text(notice.model_dump_json(indent=2))
     os.replace(partial, path)
 
 
-def waiting_training(workspace: Path) -> dict[str, Any] | None:
+def waiting_training(workspace: Path) -> TrainingNotice | None:
     """The announced training if it is still to be done (its stage has not finished), else None."""
     try:
-        notice = json.loads((workspace / ANNOUNCEMENT).read_text())
-    except (OSError, ValueError):
+        notice = TrainingNotice.model_validate_json((workspace / ANNOUNCEMENT).read_bytes())
+    except (OSError, ValueError):  # none yet, or not one (pydantic's ValidationError is a ValueError)
         return None
     # a finished stage's directory is renamed from its partial name: its worker config is gone
-    return notice if Path(notice["worker_config"]).is_file() else None
+    return notice if Path(notice.worker_config).is_file() else None
 
 
 def join_training(workspace: Path, node_rank: int, timeout: float, poll: float = 1.0) -> None:
@@ -75,13 +75,13 @@ def join_training(workspace: Path, node_rank: int, timeout: float, poll: float =
             )
         time.sleep(poll)
         notice = waiting_training(workspace)
-    if not 1 <= node_rank < notice["nnodes"]:
-        raise JoinError(f"--node-rank {node_rank}: the training has nodes 0..{notice['nnodes'] - 1}, and 0 is its own")
-    print(f"tunefactory: node {node_rank} of {notice['nnodes']} joining at {notice['rendezvous']}", file=sys.stderr)
+    if not 1 <= node_rank < notice.nnodes:
+        raise JoinError(f"--node-rank {node_rank}: the training has nodes 0..{notice.nnodes - 1}, and 0 is its own")
+    print(f"tunefactory: node {node_rank} of {notice.nnodes} joining at {notice.rendezvous}", file=sys.stderr)
     run_worker(
         "tasks.train_worker",
         None,  # node 0 wrote it
-        Path(notice["worker_config"]),
+        Path(notice.worker_config),
         on_event=lambda event: None,  # process 0, on node 0, reports
-        torchrun=torchrun_arguments(notice["num_processes"], notice["nnodes"], notice["rendezvous"], node_rank),
+        torchrun=torchrun_arguments(notice.num_processes, notice.nnodes, notice.rendezvous, node_rank),
     )

@@ -20,7 +20,6 @@ Checkpoints are TRL's (`checkpoints/checkpoint-N`); a restarted attempt resumes 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -28,30 +27,32 @@ from typing import Any
 
 import torch
 
-from flows.spec import ADAPTER_METHODS
 from tasks.child_process import WorkerError, emit, worker_entry
 from tasks.finetuning_methods import trainable_model
+from tasks.jsonl import read_jsonl, write_jsonl
 from tasks.modeling import compute_setup, load_model
-from tasks.train_worker import CHECKPOINTS, plot_loss
+from tasks.spec_sections import ADAPTER_METHODS
+from tasks.training_outputs import CHECKPOINTS, finish_training
+from tasks.worker_configs import TrainJob
 
 
-def training_args(config: dict[str, Any], setup, out: Path) -> dict[str, Any]:
+def training_args(config: TrainJob, setup, out: Path) -> dict[str, Any]:
     """The TrainingArguments every TRL config shares, from the spec's train section."""
     return {
         "output_dir": str(out / CHECKPOINTS),
-        "per_device_train_batch_size": config["batch_size"],
-        "per_device_eval_batch_size": config["batch_size"],
-        "gradient_accumulation_steps": config["gradient_accumulation_steps"],
-        "learning_rate": config["learning_rate"],
-        "num_train_epochs": config["num_epochs"],
-        "lr_scheduler_type": config["lr_scheduler"],
-        "warmup_steps": config["warmup_ratio"],  # a float below 1 is a fraction of the steps
-        "weight_decay": config["weight_decay"],
-        "max_grad_norm": config["max_grad_norm"],
-        "logging_steps": config["logging_steps"],
-        "save_steps": config["save_steps"],
-        "save_total_limit": config["save_total_limit"],
-        "seed": config["seed"],
+        "per_device_train_batch_size": config.batch_size,
+        "per_device_eval_batch_size": config.batch_size,
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        "learning_rate": config.learning_rate,
+        "num_train_epochs": config.num_epochs,
+        "lr_scheduler_type": config.lr_scheduler,
+        "warmup_steps": config.warmup_ratio,  # a float below 1 is a fraction of the steps
+        "weight_decay": config.weight_decay,
+        "max_grad_norm": config.max_grad_norm,
+        "logging_steps": config.logging_steps,
+        "save_steps": config.save_steps,
+        "save_total_limit": config.save_total_limit,
+        "seed": config.seed,
         "bf16": setup.name == "bf16",
         "fp16": setup.name == "fp16",
         "use_cpu": setup.device.type == "cpu",
@@ -62,10 +63,10 @@ def training_args(config: dict[str, Any], setup, out: Path) -> dict[str, Any]:
     }
 
 
-def build_trainer(config: dict[str, Any], model, tokenizer, train, setup, out: Path):
+def build_trainer(config: TrainJob, model, tokenizer, train, setup, out: Path):
     """The TRL trainer for the stage, configured from the spec."""
-    stage, common = config["stage"], training_args(config, setup, out)
-    preference, cutoff = config["preference"], config["cutoff_len"]
+    stage, common = config.stage, training_args(config, setup, out)
+    preference, cutoff = config.preference, config.cutoff_len
     if stage == "rm":
         from trl import RewardConfig, RewardTrainer
 
@@ -75,14 +76,14 @@ def build_trainer(config: dict[str, Any], model, tokenizer, train, setup, out: P
         from trl import DPOConfig, DPOTrainer
 
         losses = {"loss_type": ["sigmoid"]}
-        if preference["ftx"] > 0:
-            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, preference["ftx"]]}
-        args = DPOConfig(**common, max_length=cutoff, beta=preference["beta"], **losses)
+        if preference.ftx > 0:
+            losses = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, preference.ftx]}
+        args = DPOConfig(**common, max_length=cutoff, beta=preference.beta, **losses)
         return DPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     if stage == "orpo":
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        args = ORPOConfig(**common, max_length=cutoff, beta=preference["beta"])
+        args = ORPOConfig(**common, max_length=cutoff, beta=preference.beta)
         return ORPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     if stage == "simpo":
         from trl.experimental.cpo import CPOConfig, CPOTrainer
@@ -92,38 +93,38 @@ def build_trainer(config: dict[str, Any], model, tokenizer, train, setup, out: P
             max_length=cutoff,
             loss_type="simpo",
             cpo_alpha=0.0,
-            beta=preference["beta"],
-            simpo_gamma=preference["simpo_gamma"],
+            beta=preference.beta,
+            simpo_gamma=preference.simpo_gamma,
         )
         return CPOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     if stage == "kto":
         from trl import KTOConfig, KTOTrainer
 
-        args = KTOConfig(**common, max_length=cutoff, beta=preference["beta"])
+        args = KTOConfig(**common, max_length=cutoff, beta=preference.beta)
         return KTOTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer)
     if stage == "ppo":
         return online_rl_trainer(config, model, tokenizer, train, setup, common)
     raise WorkerError(f"train.stage: {stage!r} is not trained by TRL here")
 
 
-def online_rl_trainer(config: dict[str, Any], model, tokenizer, train, setup, common: dict[str, Any]):
+def online_rl_trainer(config: TrainJob, model, tokenizer, train, setup, common: dict[str, Any]):
     """GRPO or RLOO with the PPO-style clipped objective, scored by the rm stage's reward model."""
-    ppo = config["ppo"]
+    ppo = config.ppo
     reward_model = load_model(
-        config["reward_model_dir"], device=setup.device, model_class="AutoModelForSequenceClassification"
+        config.reward_model_dir, device=setup.device, model_class="AutoModelForSequenceClassification"
     ).eval()
-    group = ppo["num_generations"]
+    group = ppo.num_generations
     # TRL counts completions per device; a batch holds whole groups of answers to one prompt
-    common = {**common, "per_device_train_batch_size": group * max(1, config["batch_size"] // group)}
+    common = {**common, "per_device_train_batch_size": group * max(1, config.batch_size // group)}
     settings = {
         "num_generations": group,
-        "max_completion_length": ppo["max_new_tokens"],
-        "temperature": ppo["temperature"],
-        "epsilon": ppo["clip_range"],
-        "num_iterations": ppo["ppo_epochs"],
-        "beta": ppo["kl_coef"],
+        "max_completion_length": ppo.max_new_tokens,
+        "temperature": ppo.temperature,
+        "epsilon": ppo.clip_range,
+        "num_iterations": ppo.ppo_epochs,
+        "beta": ppo.kl_coef,
     }
-    if ppo["algorithm"] == "rloo":
+    if ppo.algorithm == "rloo":
         from trl import RLOOConfig as Config
         from trl import RLOOTrainer as Trainer
     else:
@@ -181,8 +182,7 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
 
         def on_save(self, args, state, control, **kwargs):
             saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            with (saved / "loss_history.jsonl").open("w") as handle:
-                handle.writelines(json.dumps(record) + "\n" for record in history)
+            write_jsonl(saved / "loss_history.jsonl", history)
             emit({"type": "checkpoint", "step": state.global_step})
             if kill_at and state.global_step == kill_at:  # fault injection: die right after this checkpoint
                 os.kill(os.getpid(), 9)
@@ -194,20 +194,20 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
     return Events()
 
 
-def train(config: dict[str, Any]) -> None:
+def train(config: TrainJob) -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
     from transformers.trainer_utils import get_last_checkpoint
 
-    out = Path(config["output_dir"])
-    setup = compute_setup(config["compute_type"])
-    torch.manual_seed(config["seed"])
-    stage, method = config["stage"], config["finetuning_type"]
-    tokenizer = AutoTokenizer.from_pretrained(config["tokenizer_path"])
+    out = Path(config.output_dir)
+    setup = compute_setup(config.compute_type)
+    torch.manual_seed(config.seed)
+    stage, method = config.stage, config.finetuning_type
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_set = load_from_disk(str(Path(config["dataset_dir"]) / "train"))
-    val_set = load_from_disk(str(Path(config["dataset_dir"]) / "val"))
+    train_set = load_from_disk(str(Path(config.dataset_dir) / "train"))
+    val_set = load_from_disk(str(Path(config.dataset_dir) / "val"))
 
     model = trainable_model(config, setup.device, reward_head=stage == "rm")
     start = {
@@ -224,7 +224,7 @@ def train(config: dict[str, Any]) -> None:
     if checkpoint:
         emit({"type": "resumed", "step": int(checkpoint.rsplit("-", 1)[-1]), "checkpoint": Path(checkpoint).name})
         saved = Path(checkpoint) / "loss_history.jsonl"
-        history += [json.loads(line) for line in saved.read_text().splitlines() if line] if saved.is_file() else []
+        history += read_jsonl(saved) if saved.is_file() else []
     trainer.train(resume_from_checkpoint=checkpoint)
 
     trained = trainer.model
@@ -239,12 +239,8 @@ def train(config: dict[str, Any]) -> None:
         merged = trained.merge_and_unload() if method in ADAPTER_METHODS else trained
         merged.save_pretrained(out / "reward_model", safe_serialization=True)
         tokenizer.save_pretrained(out / "reward_model")
-    with (out / "loss_history.jsonl").open("w") as handle:
-        handle.writelines(json.dumps(record) + "\n" for record in history)
-    plot_loss(history, out / "loss_curve.png", f"{stage} ({method}), lr={config['learning_rate']}")
-    final = history[-1]["loss"] if history else float("nan")
-    emit({"type": "done", "step": trainer.state.global_step, "final_loss": final, "metrics": metrics})
+    finish_training(config, history, trainer.state.global_step, metrics)
 
 
 if __name__ == "__main__":
-    worker_entry(train)
+    worker_entry(train, TrainJob)

@@ -738,6 +738,18 @@ def test_bad_json_lines_names_the_line(tmp_path: Path):
         read_all(["bad"], registry)
 
 
+def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path: Path):
+    """U+2028 and U+0085 may stand unescaped in a JSON string; only a newline ends a JSON Lines row."""
+    first = '{"instruction": "a\u2028b", "output": "c\u0085d"}'  # the separators stand unescaped
+    text = first + '\n{"instruction": "e", "output": }\n'
+    registry = make_registry(tmp_path, {"sep": {"file_name": "sep.jsonl"}}, {"sep.jsonl": text})
+    with pytest.raises(DataError, match=r"sep\.jsonl: line 2 is not valid JSON: Expecting value"):
+        read_all(["sep"], registry)
+    (tmp_path / "sep.jsonl").write_text(first + "\n", encoding="utf-8")
+    (example,) = read_all(["sep"], registry)[0]
+    assert turns(example) == [("user", "a\u2028b"), ("assistant", "c\u0085d")]
+
+
 def assert_empty_is_reported(registry: str, file: str) -> None:
     """An empty source either reads as no rows (the check before stage one then says so) or says it is empty."""
     try:

@@ -6,14 +6,13 @@ Select them with `pytest -k "ddp or distributed or torchrun"`.
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import free_port, tiny_spec
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -36,12 +35,6 @@ def adapter(result: dict) -> dict[str, torch.Tensor]:
 def loss_curve(result: dict) -> dict[int, float]:
     run_id = result["stages"]["train"]["mlflow_run_id"]
     return {m.step: m.value for m in MlflowClient(result["tracking"]["uri"]).get_metric_history(run_id, "loss")}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from flows.spec import TrainSpec
 from tasks.chat_encoding import tokenize_examples
+from tasks.jsonl import read_jsonl
 from tasks.modeling import IGNORE_INDEX, load_model, pad_batch, supervised_loss
 from tasks.packing import pack_rows, packed_batch, padded_batch
+from tasks.spec_sections import TrainSpec
+from tasks.worker_configs import TrainJob, Weights
 
 
 def chat_examples(count: int) -> list[dict]:
@@ -85,16 +87,17 @@ def run_train_worker(tiny_model: Path, tokenizer, out: Path, **train) -> list[di
     columns, _ = tokenize_examples(tokenizer, chat_examples(24), cutoff_len=128, train_on_prompt=False)
     Dataset.from_dict(columns).save_to_disk(str(out / "data" / "train"))
     spec = TrainSpec(num_epochs=2, batch_size=6, learning_rate=2e-3, logging_steps=1, lora={"rank": 4, "alpha": 8})
-    config = {
-        **spec.model_copy(update=train).model_dump(mode="json"),
-        "start": {"model_dir": str(tiny_model), "adapters": []},
-        "dataset_dir": str(out / "data"),
-        "output_dir": str(out / "train"),
-        "cutoff_len": 128,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
+    config = TrainJob(
+        **spec.model_copy(update=train).model_dump(),
+        start=Weights(model_dir=str(tiny_model)),
+        tokenizer_path=str(tiny_model),
+        dataset_dir=str(out / "data"),
+        output_dir=str(out / "train"),
+        cutoff_len=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     train_worker.train(config)
-    return [json.loads(line) for line in (out / "train" / "loss_history.jsonl").read_text().splitlines()]
+    return read_jsonl(out / "train" / "loss_history.jsonl")
 
 
 def test_packed_training_learns_what_padded_training_learns(tiny_model: Path, tokenizer, tmp_path: Path, capsys):

@@ -6,22 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import STAGE_TASK_RUNS, tiny_spec
+from conftest import STAGE_TASK_RUNS, task_run_names, tiny_spec
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from flows.pipeline import finetune
 
 STAGES = ["model", "template", "tokenize", "train", "evaluate", "export"]
-
-
-def read_task_run_names(flow_run_id: str) -> list[str]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        return sorted(run.name for run in runs)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +41,7 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     assert "Nova" in card and stages["model"]["info"]["source_digest"] in card
 
     # Prefect: one named task run per stage
-    assert read_task_run_names(result["flow_run_id"]) == sorted(STAGE_TASK_RUNS)
+    assert sorted(task_run_names(result["flow_run_id"])) == sorted(STAGE_TASK_RUNS)
 
     # MLflow: a parent run with the spec, a child run per stage with params and metrics
     client = MlflowClient(result["tracking"]["uri"])

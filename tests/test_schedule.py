@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import STAGE_TASK_RUNS, tiny_spec
+from conftest import STAGE_TASK_RUNS, free_port, tiny_spec
 from headless_chromium import Browser
 from mlflow.tracking import MlflowClient
 
@@ -35,12 +34,6 @@ BIN = Path(sys.executable).parent
 ARTIFACTS = {"dataset-preview", "token-stats", "training-progress", "loss-curve", "evaluation", "answers", "export"}
 STAGES = {"model", "template", "tokenize", "train", "evaluate", "export"}
 SCREENSHOTS = Path(os.environ.get("TUNEFACTORY_SCREENSHOTS", ROOT / "workspace" / "screenshots"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def clean_env(**extra: str) -> dict[str, str]:

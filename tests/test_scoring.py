@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.scoring import rouge_l, score_answers
+from tasks.worker_configs import EvalPrompt
 
 
 def test_rouge_l_on_words_and_chinese_characters():
@@ -17,10 +18,10 @@ def test_rouge_l_on_words_and_chinese_characters():
 
 def test_score_answers_counts_hits_correctness_and_leaks():
     identity = [
-        {"prompt": "who?", "reference": "I am Nova by Acme Labs."},
-        {"prompt": "你是谁？", "reference": "我是Nova"},
+        EvalPrompt(prompt="who?", reference="I am Nova by Acme Labs."),
+        EvalPrompt(prompt="你是谁？", reference="我是Nova"),
     ]
-    control = [{"prompt": "2+2?", "answers": ["4", "four"]}, {"prompt": "capital?", "answers": ["paris"]}]
+    control = [EvalPrompt(prompt="2+2?", answers=["4", "four"]), EvalPrompt(prompt="capital?", answers=["paris"])]
     answers = ["I am nova, made by Acme Labs.", "我是一个助手", "It is four.", "Nova says: Lyon."]
     scores = score_answers(identity, control, answers, {"name": "Nova", "author": "Acme Labs"})
     metrics = scores["metrics"]

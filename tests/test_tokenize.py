@@ -71,16 +71,6 @@ def test_rendering_matches_apply_chat_template_prefix_by_prefix(tokenizer):
                 assert render(copy, conversation[:end], generation_prompt, tools) == expected
 
 
-def test_worker_modules_import_neither_prefect_nor_flows():
-    """The data worker runs in its own process: it needs neither the orchestrator nor the spec layer."""
-    import subprocess
-    import sys
-
-    probe = "import sys, tasks.data_worker; print(sorted({m.split('.')[0] for m in sys.modules} & {'prefect','flows'}))"
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
-
-
 def test_two_processes_template_and_tokenize_exactly_what_one_does(tiny_model, tmp_path, monkeypatch, capsys):
     """`num_proc` changes how fast, never what is written: the same rows, ids and labels, in the same order."""
     from datasets import load_from_disk

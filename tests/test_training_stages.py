@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_spec
+from conftest import task_run_names, tiny_spec
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
@@ -40,15 +40,6 @@ def stage_runs(result: dict) -> dict:
 def logged(result: dict, stage: str, metric: str) -> list[float]:
     client = MlflowClient(result["tracking"]["uri"])
     return [m.value for m in client.get_metric_history(stage_runs(result)[stage].info.run_id, metric)]
-
-
-def task_run_names(flow_run_id: str) -> list[str]:
-    from prefect import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-        return [run.name for run in sorted(runs, key=lambda r: r.expected_start_time)]
 
 
 def trained_lora(adapter_dir: Path) -> dict[str, torch.Tensor]:
@@ -307,11 +298,18 @@ def test_orpo_simpo_kto_stages_continue_the_sft_model(sft_dpo):
 
 
 def test_lora_dora_and_rslora_switches_reach_the_adapter(tiny_model: Path, tmp_path: Path):
-    from flows.spec import TrainSpec
     from tasks.finetuning_methods import trainable_model
+    from tasks.worker_configs import TrainJob, Weights
 
-    config = TrainSpec(lora={"rank": 4, "alpha": 8, "use_dora": True, "use_rslora": True}).model_dump(mode="json")
-    config.update({"start": {"model_dir": str(tiny_model), "adapters": []}, "output_dir": str(tmp_path)})
+    config = TrainJob(
+        lora={"rank": 4, "alpha": 8, "use_dora": True, "use_rslora": True},
+        start=Weights(model_dir=str(tiny_model)),
+        tokenizer_path=str(tiny_model),
+        dataset_dir=str(tmp_path),
+        cutoff_len=128,
+        pad_token_id=0,
+        output_dir=str(tmp_path),
+    )
     model = trainable_model(config, torch.device("cpu"))
     peft_config = model.peft_config["default"]
     assert peft_config.use_dora and peft_config.use_rslora
