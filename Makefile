@@ -40,7 +40,7 @@ test-fast: install
 	$(VENV)/bin/pytest -m "not gpu and not slow"
 
 # tunefactory's train stage against TRL's SFTTrainer at its defaults (tasks/bench_train.py): the CPU case
-# (about 25 minutes on 2 cores), or the two GPU cases where CUDA is present
+# (about 21 minutes on 2 cores), or the two GPU cases where CUDA is present
 bench: install
 	$(VENV)/bin/python -m tasks.bench_train --root $(WORKSPACE)/bench
 

@@ -36,6 +36,17 @@ STAGES = {"model", "template", "tokenize", "train", "evaluate", "export"}
 SCREENSHOTS = Path(os.environ.get("TUNEFACTORY_SCREENSHOTS", ROOT / "workspace" / "screenshots"))
 
 
+def prefect_api(method: str, url: str, **kwargs) -> httpx.Response:
+    """A request to the Prefect server, repeated while it answers 503: on SQLite it does when a write
+    meets another one (`database is locked`) while `serve` schedules runs every 15 s."""
+    deadline = time.time() + 60
+    while True:
+        response = httpx.request(method, url, **kwargs)
+        if response.status_code != 503 or time.time() > deadline:
+            return response
+        time.sleep(1)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """The environment of a fresh shell: no server chosen by anyone but the workspace."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
@@ -77,11 +88,11 @@ def write_spec(tiny_model: Path, workspace: Path, name: str, directory: Path) ->
 
 
 def flow_runs_of(api: str, deployment_name: str) -> list[dict]:
-    deployments = httpx.post(f"{api}/deployments/filter", json={}).json()
+    deployments = prefect_api("POST", f"{api}/deployments/filter", json={}).json()
     ids = [d["id"] for d in deployments if d["name"] == deployment_name]
     if not ids:
         return []
-    return httpx.post(f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": ids}}}).json()
+    return prefect_api("POST", f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": ids}}}).json()
 
 
 def wait_for_completed_run(api: str, deployment_name: str, timeout: float, log: Path) -> dict:
@@ -99,10 +110,10 @@ def wait_for_completed_run(api: str, deployment_name: str, timeout: float, log: 
 
 def assert_every_stage_and_artifact(api: str, flow_run: dict) -> None:
     query = {"flow_runs": {"id": {"any_": [flow_run["id"]]}}}
-    task_runs = httpx.post(f"{api}/task_runs/filter", json=query).json()
+    task_runs = prefect_api("POST", f"{api}/task_runs/filter", json=query).json()
     assert {run["name"] for run in task_runs} == STAGE_TASK_RUNS
     assert all(run["state"]["type"] == "COMPLETED" for run in task_runs)
-    artifacts = httpx.post(f"{api}/artifacts/filter", json=query).json()
+    artifacts = prefect_api("POST", f"{api}/artifacts/filter", json=query).json()
     keys = {artifact["key"] for artifact in artifacts}
     assert {f"{flow_run['name']}-{what}" for what in ARTIFACTS} <= keys, keys
     progress = [a for a in artifacts if a["key"].endswith("training-progress")]
@@ -149,11 +160,11 @@ def wait_for_flow_process_exit(flow_run_id: str, timeout: float = 90) -> None:
 def settle(api: str, deployment_id: str, timeout: float = 240) -> None:
     """Pause the schedule and let every started run finish and its process exit, so that
     stopping `serve` interrupts nothing (an interrupted run is rightly marked Cancelled)."""
-    httpx.patch(f"{api}/deployments/{deployment_id}", json={"paused": True}).raise_for_status()
+    prefect_api("PATCH", f"{api}/deployments/{deployment_id}", json={"paused": True}).raise_for_status()
     query = {"deployments": {"id": {"any_": [deployment_id]}}}
     deadline = time.time() + timeout
     while True:
-        runs = httpx.post(f"{api}/flow_runs/filter", json=query).json()
+        runs = prefect_api("POST", f"{api}/flow_runs/filter", json=query).json()
         busy = [r for r in runs if r["state"]["type"] in ("PENDING", "RUNNING", "CANCELLING")]
         if not busy:
             break
@@ -193,12 +204,12 @@ def test_serve_runs_the_pipeline_on_its_schedule_and_reports_to_the_ui_servers(u
     _, servers = ui_servers
     api = servers.prefect_api_url
     assert served_run["name"] == "served-tiny"
-    state = httpx.get(f"{api}/flow_runs/{served_run['id']}").json()["state"]
+    state = prefect_api("GET", f"{api}/flow_runs/{served_run['id']}").json()["state"]
     assert state["type"] == "COMPLETED", f"still completed after `serve` stopped: {state}"
     assert served_run["parameters"]["spec"]["name"] == "served-tiny"
     assert_every_stage_and_artifact(api, served_run)
     assert_pipeline_run_in_mlflow(servers.mlflow_url, served_run)
-    deployment = httpx.get(f"{api}/deployments/{served_run['deployment_id']}").json()
+    deployment = prefect_api("GET", f"{api}/deployments/{served_run['deployment_id']}").json()
     assert deployment["schedules"][0]["schedule"]["interval"] == 15
     schema = deployment["parameter_openapi_schema"]
     assert "spec" in schema["properties"], "the spec is the flow's parameter, rendered as a form"
@@ -219,7 +230,7 @@ def test_schedule_from_prefect_yaml_runs_on_a_process_worker(ui_servers, tiny_mo
 
     prefect("work-pool", "create", "tunefactory-process", "--type", "process")
     prefect("deploy", "--prefect-file", "deployments/prefect.yaml", "--all")
-    deployments = httpx.post(f"{servers.prefect_api_url}/deployments/filter", json={}).json()
+    deployments = prefect_api("POST", f"{servers.prefect_api_url}/deployments/filter", json={}).json()
     nightly = next(d for d in deployments if d["name"] == "self-cognition-nightly")
     assert nightly["work_pool_name"] == "tunefactory-process"
     assert nightly["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
