@@ -84,7 +84,7 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 def run_worker(
     module: str,
-    config: BaseModel | dict[str, Any] | None,
+    config: BaseModel | None,
     config_path: Path,
     on_event: Callable[[dict[str, Any]], None],
     on_output: Callable[[str], None] = print,
@@ -92,15 +92,13 @@ def run_worker(
 ) -> None:
     """Run `python -m module config_path` to completion, handing its events to `on_event`.
 
-    config: written to config_path first (None: it is there already); a worker config from
-    tasks/worker_configs.py, or (the training workers, until theirs is typed) a dict. torchrun: launch
+    config: a worker config from tasks/worker_configs.py, written to config_path first (None: it
+    is there already). torchrun: launch
     through torchrun with these arguments, which start one copy per process (RANK, WORLD_SIZE
     and a rendezvous set for each); if one dies, torchrun stops the others and exits with an error.
     """
-    if isinstance(config, BaseModel):
+    if config is not None:
         config_path.write_text(config.model_dump_json(indent=2))
-    elif config is not None:
-        config_path.write_text(json.dumps(config, indent=2))
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", *torchrun]
@@ -146,25 +144,22 @@ def _run(
         raise WorkerError(f"{module}: {reason}")
 
 
-def worker_entry(main: Callable[[Any], None], config_type: Any = None) -> None:
+def worker_entry(main: Callable[[Any], None], config_type: Any) -> None:
     """`if __name__ == "__main__": worker_entry(main, ItsConfig)` in a worker module.
 
     The config file is validated as `config_type` (a model of tasks/worker_configs.py, or a
     union of them) before `main` sees it: a field that is missing, unknown or of the wrong type
-    is an error event naming the file and the field. None: `main` gets the parsed JSON as it is.
+    is an error event naming the file and the field.
     A WorkerError becomes an error event (a message for the user, exit code 2); anything
     else is a bug and keeps its traceback on stderr.
     """
     path = Path(sys.argv[1])
-    if config_type is None:
-        config = json.loads(path.read_text())
-    else:
-        try:
-            config = TypeAdapter(config_type).validate_json(path.read_bytes())
-        except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
-            emit({"type": "error", "message": f"{path}: not the config this worker reads ({problems})"})
-            sys.exit(2)
+    try:
+        config = TypeAdapter(config_type).validate_json(path.read_bytes())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        emit({"type": "error", "message": f"{path}: not the config this worker reads ({problems})"})
+        sys.exit(2)
     try:
         main(config)
     except WorkerError as exc:

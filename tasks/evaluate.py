@@ -88,7 +88,6 @@ def _build(job: EvaluateJob, out: Path, run: StageRun) -> StageResult:
             metrics.update({f"{variant}_{k}": v for k, v in event["metrics"].items()})
             logger.info("%s model: %s", variant, ", ".join(f"{k}={v:.3f}" for k, v in event["metrics"].items()))
 
-    job = job.model_copy(update={"output_dir": str(out)})
     run_worker("tasks.evaluate_worker", job, out / "evaluate_config.json", on_event, on_output=logger.info)
     results = json.loads((out / "answers.json").read_text())
     table = comparison_table(results)
@@ -114,7 +113,8 @@ def evaluate_model(
     """Answer the evaluation prompts with the tuned and the base model and score both."""
     identity = eval_prompts(config.identity_prompts, registry, template_vars, ("reference",))
     control = eval_prompts(config.control_prompts, registry, template_vars, ("answers",))
-    job = EvaluateJob(
+    # the worker's config; its output directory is the stage's, known once the stage runs
+    job = dict(
         **config.model_dump(include={"max_new_tokens", "compare_base", "batch_size"}),
         model_path=str(base_model_path(base_model)),
         tuned=TrainInfo.of(trained).weights,
@@ -125,7 +125,6 @@ def evaluate_model(
         template_vars=template_vars,
         compute_type=compute_type,
         trust_remote_code=ModelInfo.of(base_model).trust_remote_code,
-        output_dir="",  # the stage's output directory, known once it runs
     )
     sets = [resolve_eval_set(n, registry) for n in (config.identity_prompts, config.control_prompts) if n]
     key_config = {
@@ -140,5 +139,5 @@ def evaluate_model(
         [trained, tokenized, base_model],
         code_version(__file__, str(HERE / "evaluate_worker.py"), str(HERE / "scoring.py"), str(HERE / "modeling.py")),
         ctx,
-        lambda out, run: _build(job, out, run),
+        lambda out, run: _build(EvaluateJob(**job, output_dir=str(out)), out, run),
     )

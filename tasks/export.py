@@ -72,7 +72,6 @@ def _build(
         if event.get("type") == "checked":
             checks.update({k: v for k, v in event.items() if k != "type"})
 
-    job = job.model_copy(update={"output_dir": str(out)})
     run_worker("tasks.export_worker", job, out / "export_config.json", on_event, on_output=logger.info)
     (out / "model" / "README.md").write_text(model_card(name, lineage, eval_metrics), encoding="utf-8")
     (out / "model" / "lineage.json").write_text(json.dumps(lineage, indent=2))
@@ -102,12 +101,12 @@ def merge_and_export(
         "finetuning_type": train.finetuning_type,
         "train_run_id": trained.mlflow_run_id,
     }
-    job = ExportJob(
+    # the worker's config; its output directory is the stage's, known once the stage runs
+    job = dict(
         **config.model_dump(include={"max_shard_size", "logits_atol"}),
         model_path=str(base_model_path(base_model)),
         weights=train.weights,
         trust_remote_code=base.trust_remote_code,
-        output_dir="",  # the stage's output directory, known once it runs
     )
     eval_metrics = evaluated.metrics if evaluated else {}
     manifest = run_stage(
@@ -116,7 +115,7 @@ def merge_and_export(
         [trained, base_model],
         code_version(__file__, str(HERE / "export_worker.py")),
         ctx,
-        lambda out, run: _build(config, job, name, lineage, eval_metrics, out, run),
+        lambda out, run: _build(config, ExportJob(**job, output_dir=str(out)), name, lineage, eval_metrics, out, run),
     )
     model_dir = manifest.path / "model"
     point_link(ctx.workspace / "models" / name, model_dir)
