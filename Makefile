@@ -39,16 +39,16 @@ test: install chromium
 test-fast: install
 	$(VENV)/bin/pytest -m "not gpu and not slow"
 
-# tunefactory's train stage against TRL's SFTTrainer at its defaults (tasks/bench_train.py): the CPU case
+# tunefactory's train stage against TRL's SFTTrainer at its defaults (tasks/tools/bench_train.py): the CPU case
 # (about 21 minutes on 2 cores), or the two GPU cases where CUDA is present
 bench: install
-	$(VENV)/bin/python -m tasks.bench_train --root $(WORKSPACE)/bench
+	$(VENV)/bin/python -m tasks.tools.bench_train --root $(WORKSPACE)/bench
 
 # Templating and tokenizing a generated 200,000-row multi-turn chat set with `tunefactory prepare`,
-# against TRL's SFTTrainer preparing the same rows (tasks/bench_data.py); ROWS="200000 1000000" for more
+# against TRL's SFTTrainer preparing the same rows (tasks/tools/bench_data.py); ROWS="200000 1000000" for more
 ROWS ?= 200000
 bench-data: install
-	$(VENV)/bin/python -m tasks.bench_data --root $(WORKSPACE)/bench-data $(foreach n,$(ROWS),--rows $(n))
+	$(VENV)/bin/python -m tasks.tools.bench_data --root $(WORKSPACE)/bench-data $(foreach n,$(ROWS),--rows $(n))
 
 lint: install
 	$(VENV)/bin/ruff check .

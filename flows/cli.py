@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.spec import PipelineSpec, SpecError, load_spec
-from tasks.stage_infos import ExportInfo
+from tasks.contracts.stage_infos import ExportInfo
 
 EXIT_USER_ERROR = 2
 
@@ -34,12 +34,12 @@ EXIT_USER_ERROR = 2
 def check_inputs(spec: PipelineSpec) -> None:
     """Read the model source, every dataset's first rows and the evaluation sets the spec names,
     so that mistakes surface before stage one (the template stage reads every row)."""
-    from tasks.chat_encoding import template_supports_tools
-    from tasks.dataset_registry import DataError
-    from tasks.evaluate import eval_prompts
-    from tasks.materialize_model import model_chat_template, source_fingerprint
-    from tasks.spec_sections import STAGE_DATA
-    from tasks.template_dataset import peek_examples
+    from tasks.components.chat_encoding import template_supports_tools
+    from tasks.contracts.spec_sections import STAGE_DATA
+    from tasks.dataset.registry import DataError
+    from tasks.stages.evaluate import eval_prompts
+    from tasks.stages.materialize_model import model_chat_template, source_fingerprint
+    from tasks.stages.template_dataset import peek_examples
 
     source_fingerprint(spec.model.name_or_path)
     for plan in spec.training_plan():
@@ -68,13 +68,13 @@ def check_inputs(spec: PipelineSpec) -> None:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
-    from tasks.child_process import WorkerError
-    from tasks.compare_runs import CompareError
-    from tasks.dataset_registry import DataError
-    from tasks.local_servers import ServerError
-    from tasks.materialize_model import ModelSourceError
-    from tasks.model_registry import RegistryError
-    from tasks.train_nodes import JoinError
+    from tasks.contracts.child_process import WorkerError
+    from tasks.dataset.registry import DataError
+    from tasks.runtime.local_servers import ServerError
+    from tasks.runtime.model_registry import RegistryError
+    from tasks.stages.materialize_model import ModelSourceError
+    from tasks.stages.train_nodes import JoinError
+    from tasks.tools.compare_runs import CompareError
 
     return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError, JoinError
 
@@ -82,7 +82,7 @@ def user_errors() -> tuple[type[Exception], ...]:
 def connect_prefect(spec: PipelineSpec):
     """The servers of `make ui` if they run; else Prefect's temporary server, launched now so
     that it boots while the command loads (call `wait_until_up` on it before the flow starts)."""
-    from tasks.local_servers import TemporaryPrefectServer
+    from tasks.runtime.local_servers import TemporaryPrefectServer
 
     report_to_running_servers(spec)
     if os.environ.get("PREFECT_API_URL"):
@@ -97,7 +97,7 @@ def ready_to_run(spec: PipelineSpec, server) -> None:
     """Before the flow starts: MLflow's SQL store imported and the temporary server (if any) answering."""
     if server is None:
         return
-    from tasks.tracking import preload_store
+    from tasks.runtime.tracking import preload_store
 
     preload_store(Path(spec.workspace))  # 3 s of imports, while the server is still booting
     server.wait_until_up()
@@ -108,7 +108,7 @@ def report_to_running_servers(spec: PipelineSpec) -> None:
 
     Called before Prefect is imported: Prefect reads its API URL from the environment once.
     """
-    from tasks.local_servers import running
+    from tasks.runtime.local_servers import running
 
     servers = running(spec.workspace)
     if servers is None or "PREFECT_API_URL" in os.environ:
@@ -196,7 +196,7 @@ def time_report() -> str:
     """Wall time since this process started, split into model compute and orchestration."""
     import psutil
 
-    from tasks.child_process import model_compute_seconds
+    from tasks.contracts.child_process import model_compute_seconds
 
     wall = time.time() - psutil.Process().create_time()
     compute = model_compute_seconds()
@@ -227,8 +227,8 @@ def command_serve(args: argparse.Namespace) -> int:
 
 def command_preview(args: argparse.Namespace) -> int:
     """The first rows as the template stage writes them, for the spec's first training stage."""
-    from tasks.spec_sections import STAGE_DATA
-    from tasks.template_dataset import peek_examples, preview_rows
+    from tasks.contracts.spec_sections import STAGE_DATA
+    from tasks.stages.template_dataset import peek_examples, preview_rows
 
     spec = load_spec(args.spec, args.set)
     data, kind = spec.data_for(spec.train), STAGE_DATA[spec.train.stage]
@@ -329,13 +329,13 @@ def command_compare(args: argparse.Namespace) -> int:
 def registry_client(workspace: str):
     from mlflow.tracking import MlflowClient
 
-    from tasks.tracking import tracking_uri
+    from tasks.runtime.tracking import tracking_uri
 
     return MlflowClient(tracking_uri=tracking_uri(Path(workspace).resolve()))
 
 
 def command_lineage(args: argparse.Namespace) -> int:
-    from tasks.lineage import format_lineage, model_lineage
+    from tasks.runtime.lineage import format_lineage, model_lineage
 
     lineage = model_lineage(registry_client(args.workspace), args.model)
     print(json.dumps(lineage, indent=2) if args.json else format_lineage(lineage))
@@ -343,7 +343,7 @@ def command_lineage(args: argparse.Namespace) -> int:
 
 
 def command_promote(args: argparse.Namespace) -> int:
-    from tasks.model_registry import CHAMPION, promote
+    from tasks.runtime.model_registry import CHAMPION, promote
 
     version, reasons = promote(registry_client(args.workspace), args.model, force=args.force)
     print(f"tunefactory: {version.name} version {version.version} is now @{CHAMPION}")
@@ -352,7 +352,7 @@ def command_promote(args: argparse.Namespace) -> int:
 
 
 def command_ui(args: argparse.Namespace) -> int:
-    from tasks import local_servers
+    from tasks.runtime import local_servers
 
     workspace = Path(args.workspace)
     if args.action == "stop":
@@ -376,14 +376,14 @@ def command_ui(args: argparse.Namespace) -> int:
 
 
 def command_train_node(args: argparse.Namespace) -> int:
-    from tasks.train_nodes import join_training
+    from tasks.stages.train_nodes import join_training
 
     join_training(Path(args.workspace).resolve(), args.node_rank, args.timeout)
     return 0
 
 
 def command_chat(args: argparse.Namespace) -> int:
-    from tasks.chat import chat_loop
+    from tasks.tools.chat import chat_loop
 
     chat_loop(args.path, max_new_tokens=args.max_new_tokens, system=args.system)
     return 0

@@ -9,9 +9,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import flow, get_run_logger
 
-from tasks.compare_runs import pipeline_runs, write_comparison
-from tasks.prefect_artifacts import publish_comparison
-from tasks.tracking import tracking_uri
+from tasks.runtime.prefect_artifacts import publish_comparison
+from tasks.runtime.tracking import tracking_uri
+from tasks.tools.compare_runs import pipeline_runs, write_comparison
 
 
 def comparison_dir(workspace: Path, name: str) -> Path:

@@ -10,7 +10,7 @@ Run it with `tunefactory run deployments/self_cognition.yaml`, or call `finetune
 (No `from __future__ import annotations` here: Prefect reads the flow's parameter types at run
 time to validate a deployment's parameters, and they must be real classes, not strings.)
 
-Each stage is a task that returns a manifest (tasks/stage_output.py) and logs a child run
+Each stage is a task that returns a manifest (tasks/runtime/stage_output.py) and logs a child run
 under this pipeline run's MLflow parent run.
 """
 
@@ -21,17 +21,23 @@ from prefect import Task, flow
 from prefect.runtime import flow_run
 
 from flows.spec import PipelineSpec, PlannedStage, StageRetry
-from tasks.evaluate import evaluate_model
-from tasks.export import merge_and_export
-from tasks.lineage import dataset_inputs
-from tasks.materialize_model import materialize_base_model
-from tasks.spec_sections import STAGE_DATA
-from tasks.stage_infos import ModelInfo
-from tasks.stage_output import Manifest, StageContext, stage_id
-from tasks.template_dataset import template_dataset
-from tasks.tokenize_dataset import tokenize_dataset
-from tasks.tracking import Tracking, end_pipeline_run, log_pipeline_datasets, start_pipeline_run, tag_pipeline_run
-from tasks.train import train_model
+from tasks.contracts.spec_sections import STAGE_DATA
+from tasks.contracts.stage_infos import ModelInfo
+from tasks.runtime.lineage import dataset_inputs
+from tasks.runtime.stage_output import Manifest, StageContext, stage_id
+from tasks.runtime.tracking import (
+    Tracking,
+    end_pipeline_run,
+    log_pipeline_datasets,
+    start_pipeline_run,
+    tag_pipeline_run,
+)
+from tasks.stages.evaluate import evaluate_model
+from tasks.stages.export import merge_and_export
+from tasks.stages.materialize_model import materialize_base_model
+from tasks.stages.template_dataset import template_dataset
+from tasks.stages.tokenize_dataset import tokenize_dataset
+from tasks.stages.train import train_model
 
 
 def retrying(stage: Task, retry: StageRetry) -> Task:

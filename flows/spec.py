@@ -1,7 +1,7 @@
 """The pipeline spec: one pydantic model that a YAML file, `--set` overrides and the Prefect UI fill.
 
 Its sections (model, dataset, tokenize, train, evaluate, export) are declared in
-`tasks/spec_sections.py`, where the stages and workers read them; this module puts them together
+`tasks/contracts/spec_sections.py`, where the stages and workers read them; this module puts them together
 with the chain of training stages and the retries, loads YAML and reports errors.
 `load_spec("deployments/self_cognition.yaml", ["train.learning_rate=1e-4"])` returns a
 validated `PipelineSpec` or raises `SpecError` naming the key path, the value and what is allowed.
@@ -18,7 +18,15 @@ from typing import Any, NamedTuple
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from tasks.spec_sections import DatasetSpec, EvaluateSpec, ExportSpec, ModelSpec, Section, TokenizeSpec, TrainSpec
+from tasks.contracts.spec_sections import (
+    DatasetSpec,
+    EvaluateSpec,
+    ExportSpec,
+    ModelSpec,
+    Section,
+    TokenizeSpec,
+    TrainSpec,
+)
 
 
 class SpecError(ValueError):

@@ -26,7 +26,7 @@ def build_tiny_llama(directory: Path) -> Path:
     import torch
     from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from tasks.materialize_model import packaged_gguf
+    from tasks.stages.materialize_model import packaged_gguf
 
     gguf = packaged_gguf("packaged:smollm2-135m-instruct")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

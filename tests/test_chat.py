@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tasks.chat import resolve_chat_model
-from tasks.dataset_registry import DataError
+from tasks.dataset.registry import DataError
+from tasks.tools.chat import resolve_chat_model
 
 ROOT = Path(__file__).resolve().parents[1]
 

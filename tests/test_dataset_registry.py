@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tasks.chat_encoding import IGNORE_INDEX, encode_conversation, template_supports_tools
-from tasks.data_worker import TemplateJob, template
-from tasks.dataset_registry import DataError, DatasetEntry, load_registry, resolve_dataset
-from tasks.dataset_sources import source_record
-from tasks.template_dataset import peek_examples
+from tasks.components.chat_encoding import IGNORE_INDEX, encode_conversation, template_supports_tools
+from tasks.dataset.registry import DataError, DatasetEntry, load_registry, resolve_dataset
+from tasks.dataset.sources import source_record
+from tasks.stages.template_dataset import peek_examples
+from tasks.workers.data import TemplateJob, template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data"
@@ -952,7 +952,7 @@ def test_on_bad_row_error_or_skip_and_count_per_reason(tmp_path: Path, capsys: p
     template(template_job(registry, "skip", tmp_path / "skip"))
     (event,) = [e for e in events(capsys.readouterr().out) if e["type"] == "templated"]
     assert event["skipped"] == {"mixed: response not text": 1, "mixed: no response text": 1}
-    assert event["counts"] == {"rows": 4, "train_rows": 3, "val_rows": 1}
+    assert (event["rows"], event["train_rows"], event["val_rows"]) == (4, 3, 1)
     assert event["sources"][0]["rows"] == 6 and event["sources"][0]["skipped"] == 2
     assert [p["row"] for p in event["preview"]] == [2, 3]
     written = {split: load_from_disk(str(tmp_path / "skip" / split)) for split in ("train", "val")}

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.chat_encoding import tokenize_examples
-from tasks.jsonl import read_jsonl
-from tasks.modeling import IGNORE_INDEX, load_model, pad_batch, supervised_loss
-from tasks.packing import pack_rows, packed_batch, padded_batch
-from tasks.spec_sections import TrainSpec
-from tasks.worker_configs import TrainJob, Weights
+from tasks.components.chat_encoding import tokenize_examples
+from tasks.components.modeling import IGNORE_INDEX, load_model, pad_batch, supervised_loss
+from tasks.components.packing import pack_rows, packed_batch, padded_batch
+from tasks.contracts.spec_sections import TrainSpec
+from tasks.contracts.worker_configs import TrainJob, Weights
+from tasks.dataset.jsonl import read_jsonl
 
 
 def chat_examples(count: int) -> list[dict]:
@@ -82,7 +82,7 @@ def test_padded_rows_need_no_attention_mask(tiny_model: Path, tokenizer):
 def run_train_worker(tiny_model: Path, tokenizer, out: Path, **train) -> list[dict]:
     from datasets import Dataset
 
-    from tasks import train_worker
+    from tasks.workers import train as train_worker
 
     columns, _ = tokenize_examples(tokenizer, chat_examples(24), cutoff_len=128, train_on_prompt=False)
     Dataset.from_dict(columns).save_to_disk(str(out / "data" / "train"))

@@ -18,8 +18,8 @@ from test_training_stages import logged, stage_runs, trained_lora
 
 from flows.cli import check_inputs
 from flows.pipeline import finetune
-from tasks.chat_encoding import IGNORE_INDEX
-from tasks.dataset_sources import sha256_file
+from tasks.components.chat_encoding import IGNORE_INDEX
+from tasks.dataset.sources import sha256_file
 
 LLAMAFACTORY_DATA = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data"
 REGISTRY = LLAMAFACTORY_DATA / "dataset_info.json"

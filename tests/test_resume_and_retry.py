@@ -52,7 +52,7 @@ def worker_processes(workspace: Path) -> list[int]:
             status = (proc / "status").read_text()
         except OSError:
             continue
-        if "_worker" in cmdline and str(workspace) in cmdline and "State:\tZ" not in status:
+        if "tasks.workers." in cmdline and str(workspace) in cmdline and "State:\tZ" not in status:
             pids.append(int(proc.name))
     return pids
 

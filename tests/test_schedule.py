@@ -26,8 +26,8 @@ from conftest import STAGE_TASK_RUNS, free_port, tiny_spec
 from headless_chromium import Browser
 from mlflow.tracking import MlflowClient
 
-from tasks import local_servers
-from tasks.tracking import tracking_uri
+from tasks.runtime import local_servers
+from tasks.runtime.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.scoring import rouge_l, score_answers
-from tasks.worker_configs import EvalPrompt
+from tasks.components.scoring import rouge_l, score_answers
+from tasks.contracts.worker_configs import EvalPrompt
 
 
 def test_rouge_l_on_words_and_chinese_characters():

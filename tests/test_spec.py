@@ -9,7 +9,7 @@ import yaml
 
 from flows.cli import check_inputs, main
 from flows.spec import PipelineSpec, SpecError, load_spec, validate_spec
-from tasks.dataset_registry import DataError
+from tasks.dataset.registry import DataError
 
 DEPLOYMENTS = Path(__file__).resolve().parents[1] / "deployments"
 

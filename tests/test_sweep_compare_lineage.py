@@ -14,9 +14,9 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from flows.spec import SpecError
-from tasks.lineage import format_lineage, model_lineage
-from tasks.model_registry import CHAMPION, RegistryError, promote, resolve_version
-from tasks.tracking import tracking_uri
+from tasks.runtime.lineage import format_lineage, model_lineage
+from tasks.runtime.model_registry import CHAMPION, RegistryError, promote, resolve_version
+from tasks.runtime.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = {"train.learning_rate": ["1e-3", "2e-2"], "train.lora.rank": ["2", "4"]}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks.dataset_registry import DataError, resolve_dataset
-from tasks.dataset_rows import chat_messages, fill_placeholders
-from tasks.template_dataset import peek_examples, split_examples
+from tasks.dataset.registry import DataError, resolve_dataset
+from tasks.dataset.rows import chat_messages, fill_placeholders
+from tasks.stages.template_dataset import peek_examples, split_examples
 
 
 def templated_examples(names, registry, values, max_samples=None, kind="chat"):

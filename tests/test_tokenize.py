@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tasks.chat_encoding import IGNORE_INDEX, encode_conversation, tokenize_examples
+from tasks.components.chat_encoding import IGNORE_INDEX, encode_conversation, tokenize_examples
 
 CONVERSATION = [
     {"role": "user", "content": "Who are you?"},
@@ -47,7 +47,7 @@ def test_rendering_matches_apply_chat_template_prefix_by_prefix(tokenizer):
     """The encoder renders the compiled template itself; the text is the library's, with and without tools."""
     from pathlib import Path
 
-    from tasks.chat_encoding import render
+    from tasks.components.chat_encoding import render
 
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     calls = [{"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": 2}}}]
@@ -75,7 +75,7 @@ def test_two_processes_template_and_tokenize_exactly_what_one_does(tiny_model, t
     """`num_proc` changes how fast, never what is written: the same rows, ids and labels, in the same order."""
     from datasets import load_from_disk
 
-    import tasks.data_worker as worker
+    import tasks.workers.data as worker
 
     monkeypatch.setattr(worker, "ROWS_PER_PROCESS", 50)  # the demo's 220 rows in 2 processes
     written = {}

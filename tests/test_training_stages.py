@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from flows.pipeline import finetune
 from flows.spec import SpecError, validate_spec
-from tasks.tracking import PARENT_TAG
+from tasks.runtime.tracking import PARENT_TAG
 
 SHORT = {"num_epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 50}
 LORA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -188,7 +188,7 @@ def test_sft_rm_ppo_chain_runs_each_stage_from_the_one_before(sft_rm_ppo):
     every_dataset = {"self_cognition", "general_chat", "identity_preference", "rl_prompts"}
     assert {d["name"] for d in card["datasets"]} == every_dataset, "the model card names every stage's data"
     # `tunefactory lineage` walks from the registered policy back through every stage
-    from tasks.lineage import chain_order, format_lineage, model_lineage
+    from tasks.runtime.lineage import chain_order, format_lineage, model_lineage
 
     client = MlflowClient(result["tracking"]["uri"])
     lineage = model_lineage(client, f"{spec.name}/{stages['export']['info']['version']}")
@@ -298,8 +298,8 @@ def test_orpo_simpo_kto_stages_continue_the_sft_model(sft_dpo):
 
 
 def test_lora_dora_and_rslora_switches_reach_the_adapter(tiny_model: Path, tmp_path: Path):
-    from tasks.finetuning_methods import trainable_model
-    from tasks.worker_configs import TrainJob, Weights
+    from tasks.components.finetuning_methods import trainable_model
+    from tasks.contracts.worker_configs import TrainJob, Weights
 
     config = TrainJob(
         lora={"rank": 4, "alpha": 8, "use_dora": True, "use_rslora": True},

@@ -1,0 +1,136 @@
+"""The finetuning methods: which weights of a model train (torch code; used by the training workers).
+
+    full    every weight
+    freeze  the last (or first) N decoder layers, optionally only some of their modules, plus
+            any named extra modules; everything else frozen
+    lora    low-rank adapters on a frozen base (DoRA and rsLoRA switches)
+    qlora   the same adapters on a base loaded in 4-bit NF4 or 8-bit by bitsandbytes (CUDA only)
+
+`trainable_model(config, device)` loads the model a stage starts from (its `start` weights:
+a model directory and the adapters of earlier stages, merged in) and applies the method.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tasks.components.modeling import load_model, lora_targets
+from tasks.contracts.child_process import WorkerError
+from tasks.contracts.spec_sections import FreezeSpec
+from tasks.contracts.worker_configs import TrainJob, Weights
+
+LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+def freeze_weights(model: torch.nn.Module, freeze: FreezeSpec) -> None:
+    """Leave only the chosen layers (and extra modules) trainable; a name that matches nothing is an error."""
+    count = model.config.get_text_config().num_hidden_layers
+    wanted = freeze.trainable_layers
+    if abs(wanted) > count:
+        raise WorkerError(f"train.freeze.trainable_layers: {wanted} but the model has {count} layers")
+    layers = set(range(count - wanted, count)) if wanted > 0 else set(range(-wanted))
+    modules = freeze.trainable_modules
+    layer_modules = set()
+    for name, parameter in model.named_parameters():
+        layer = LAYER.search(name)
+        inside = name[layer.end() :].split(".") if layer else []
+        layer_modules.update(inside[:-1])
+        chosen = layer is not None and int(layer.group(1)) in layers
+        parameter.requires_grad_(chosen and (modules == "all" or any(m in inside for m in modules)))
+    if modules != "all" and not set(modules) & layer_modules:
+        raise WorkerError(
+            f"train.freeze.trainable_modules: {', '.join(modules)} not found in a layer; "
+            f"a layer holds: {', '.join(sorted(layer_modules))}"
+        )
+    names = {name.rsplit(".", 1)[-1]: module for name, module in model.named_modules() if name}
+    for extra in freeze.extra_modules:
+        if extra not in names:
+            top = sorted({n.split(".")[-1] for n, m in model.named_modules() if n and not LAYER.search(n + ".")})
+            raise WorkerError(f"train.freeze.extra_modules: {extra!r} not found; modules: {', '.join(top)}")
+        names[extra].requires_grad_(True)
+
+
+def merged_start(start: Weights, out: Path, trust_remote_code: bool) -> str:
+    """A directory with the start model's adapters merged in (kept in the stage's output)."""
+    if not start.adapters:
+        return start.model_dir
+    directory = out / "start_model"
+    if not (directory / "config.json").is_file():
+        model = load_model(start.model_dir, start.adapters, merge_all=True, trust_remote_code=trust_remote_code)
+        model.save_pretrained(directory, safe_serialization=True)
+    return str(directory)
+
+
+def quantization(config: TrainJob) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    if config.lora.quantization_bit == 8:
+        quantized = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        quantized = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+    return {"quantization_config": quantized, "device_map": {"": torch.cuda.current_device()}}
+
+
+def trainable_model(
+    config: TrainJob,
+    device: torch.device,
+    reward_head: bool = False,
+    attention: str | None = None,
+    frozen_dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """The stage's start model with the finetuning method applied; `reward_head`: a scalar-score model.
+
+    attention: the attn_implementation to load with (default: transformers' choice).
+    frozen_dtype: lora only, the dtype of the frozen base (bf16 under bf16 autocast halves its
+    memory and spares casting it every step; PEFT keeps the adapters in fp32).
+    """
+    method, start = config.finetuning_type, config.start
+    remote_code = config.trust_remote_code
+    extra: dict[str, Any] = {"num_labels": 1} if reward_head else {}
+    if attention:
+        extra["attn_implementation"] = attention
+    model_class = "AutoModelForSequenceClassification" if reward_head else "AutoModelForCausalLM"
+    model_dir, adapters = start.model_dir, start.adapters
+    if method == "qlora" or reward_head:
+        # a quantized load and a reward head both need the start model as one directory
+        model_dir, adapters = merged_start(start, Path(config.output_dir), remote_code), []
+    if method == "qlora":
+        if not torch.cuda.is_available():
+            raise WorkerError("train.finetuning_type: qlora needs a CUDA GPU (bitsandbytes)")
+        extra.update(quantization(config))
+    dtype = torch.bfloat16 if method == "qlora" else frozen_dtype if method == "lora" else torch.float32
+    model = load_model(model_dir, adapters, device, dtype, remote_code, True, model_class, **extra)
+    if reward_head and model.config.pad_token_id is None:
+        model.config.pad_token_id = config.pad_token_id
+    if method in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        lora = config.lora
+        targets = lora_targets(model, lora.target_modules)
+        peft_config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=[t for t in targets if t != "score"],
+            use_dora=lora.use_dora,
+            use_rslora=lora.use_rslora,
+            task_type="SEQ_CLS" if reward_head else "CAUSAL_LM",
+            modules_to_save=["score"] if reward_head else None,
+        )
+        model = get_peft_model(model, peft_config)
+    elif method == "freeze":
+        freeze_weights(model, config.freeze)
+        if reward_head:
+            model.score.requires_grad_(True)  # the new scoring head always learns
+    return model

@@ -1,0 +1,143 @@
+"""Model helpers shared by the training, evaluation and export workers (torch lives here and below).
+
+- `compute_setup` turns the spec's compute_type into a device, an autocast dtype and threads.
+- `attention_implementation` picks the attention kernel the model is loaded with.
+- `load_model` reads a model directory, optionally with LoRA adapters on top (a chain of
+  stages: every adapter but the last is merged in, the last stays switchable).
+- `supervised_loss` computes the loss only where labels are set, so the output head never
+  produces full-vocabulary logits for prompt and padding positions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from tasks.components.chat_encoding import IGNORE_INDEX  # the label of a token without loss, set where labels are made
+from tasks.contracts.child_process import WorkerError
+
+
+@dataclass(frozen=True)
+class ComputeSetup:
+    device: torch.device
+    autocast_dtype: torch.dtype | None  # None: plain fp32
+    name: str
+
+
+def compute_setup(compute_type: str) -> ComputeSetup:
+    """auto = bf16 on a CUDA GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        # one thread per core this process may run on: more threads than cores only contend
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        # several training processes on this machine (torchrun) share its cores
+        torch.set_num_threads(max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    device = torch.device("cuda" if cuda else "cpu")
+    if compute_type == "auto":
+        if not cuda:
+            return ComputeSetup(device, None, "fp32")
+        compute_type = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if compute_type == "fp16" and not cuda:
+        raise WorkerError("train.compute_type: fp16 needs a CUDA GPU; use auto, fp32 or bf16 on CPU")
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    return ComputeSetup(device, dtypes[compute_type], compute_type)
+
+
+def lora_targets(model: torch.nn.Module, requested: list[str] | str) -> list[str]:
+    """'all' means every nn.Linear except the output head; a list is checked against the model."""
+    linear = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    linear -= {"lm_head", "score"}  # output heads: a language model's, a reward model's
+    if requested == "all":
+        return sorted(linear)
+    unknown = sorted(set(requested) - linear)
+    if unknown:
+        raise WorkerError(
+            f"train.lora.target_modules: {', '.join(unknown)} not found; this model's linear layers: "
+            f"{', '.join(sorted(linear))}"
+        )
+    return list(requested)
+
+
+def load_model(
+    model_path: str | Path,
+    adapters: list[str] | str | Path | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    merge_all: bool = False,
+    model_class: str = "AutoModelForCausalLM",
+    **model_kwargs,
+) -> torch.nn.Module:
+    """A model directory with `adapters` applied in order; all but the last merged (all, with merge_all)."""
+    import transformers
+
+    auto = getattr(transformers, model_class)
+    model = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs)
+    stack = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
+    for position, adapter in enumerate(stack):
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        if merge_all or position < len(stack) - 1:
+            model = model.merge_and_unload()
+    if "quantization_config" in model_kwargs:  # bitsandbytes placed it already (device_map)
+        return model
+    return model.to(device)
+
+
+def causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_implementation(device: torch.device) -> str:
+    """FlashAttention 2 on a GPU that has it installed (variable-length rows for packing), else SDPA."""
+    if device.type == "cuda":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def supervised_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the supervised next-token positions, and their count.
+
+    attention_mask None: right padding, which causal attention never lets a real token see.
+    position_ids restarting inside a row: packed examples, each attending only to itself
+    (transformers builds the block mask, or variable-length FlashAttention, from them).
+    """
+    lm = causal_lm(model)
+    hidden = lm.model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = lm.lm_head(hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return loss, int(keep.sum())
+
+
+def pad_batch(
+    sequences: list[list[int]], labels: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad a batch to its longest member: ids, attention mask and labels."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    target = torch.full((len(sequences), width), IGNORE_INDEX, dtype=torch.long)
+    for row, (seq, lab) in enumerate(zip(sequences, labels, strict=True)):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        target[row, : len(lab)] = torch.tensor(lab)
+    return ids, mask, target

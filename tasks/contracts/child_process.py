@@ -1,0 +1,198 @@
+"""The one way heavy compute is launched: a child Python process that streams JSON events.
+
+Training, evaluation and export run as `python -m tasks.workers.<name> CONFIG.json`, so the
+flow process never imports CUDA and a crash or kill of the worker cannot take the flow down.
+A worker prints events (tasks/contracts/worker_events.py) as `@@tunefactory {json}` lines on
+stdout; other stdout lines go to the Prefect log; stderr (progress bars) goes straight to the
+terminal. Stopping the task
+(Ctrl-C, cancellation) terminates the worker's whole process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, TypeAdapter, ValidationError
+
+from tasks.contracts.worker_events import Event, Failed, Note, WorkerEvent
+
+EVENT_PREFIX = "@@tunefactory "
+PR_SET_PDEATHSIG = 1
+
+
+_compute_seconds = [0.0]
+_compute_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def model_compute():
+    """Count the time inside as model compute, which the run's report separates from orchestration."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        with _compute_lock:
+            _compute_seconds[0] += time.perf_counter() - start
+
+
+def model_compute_seconds() -> float:
+    """Model compute so far in this process: worker processes and model conversion."""
+    return _compute_seconds[0]
+
+
+class WorkerError(RuntimeError):
+    """A worker failed; the message says why in words meant for the user."""
+
+
+EVENTS: TypeAdapter[WorkerEvent] = TypeAdapter(WorkerEvent)
+EventKind = TypeVar("EventKind", bound=Event)
+
+
+def emit(event: Event) -> None:
+    """Send one event from a worker to the task that launched it (from rank 0 only, under torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(EVENT_PREFIX + event.model_dump_json(), flush=True)
+
+
+def read_event(line: str, module: str) -> WorkerEvent:
+    """An event line as its model; one that is not in the contract is the worker's bug, named."""
+    try:
+        return EVENTS.validate_json(line[len(EVENT_PREFIX) :])
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise WorkerError(
+            f"{module} sent an event that is not in tasks/contracts/worker_events.py ({problems})"
+        ) from None
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the launching thread dies.
+
+    Without this, a flow process that is killed outright (kill -9, an out-of-memory kill, a
+    cancelled deployment's process) would leave its training worker running on its own.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # not Linux: the process-group stop still applies
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _stop(process: subprocess.Popen[str]) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_worker(
+    module: str,
+    config: BaseModel | None,
+    config_path: Path,
+    on_event: Callable[[WorkerEvent], None] | None = None,
+    on_output: Callable[[str], None] = print,
+    torchrun: list[str] | None = None,
+) -> list[WorkerEvent]:
+    """Run `python -m module config_path` to completion; the events it sent, each also handed to
+    `on_event` as it arrives (`Note`s go to `on_output`, a `Failed` becomes the WorkerError).
+
+    config: a worker config from tasks/contracts/worker_configs.py, written to config_path first
+    (None: it is there already). torchrun: launch through torchrun with these arguments, which
+    start one copy per process (RANK, WORLD_SIZE and a rendezvous set for each); if one dies,
+    torchrun stops the others and exits with an error.
+    """
+    if config is not None:
+        config_path.write_text(config.model_dump_json(indent=2))
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", *torchrun]
+    with model_compute():
+        return _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output)
+
+
+def final(events: list[WorkerEvent], kind: type[EventKind]) -> EventKind:
+    """The last event of `kind` a worker sent (its result); a worker that exits without it has a bug."""
+    for event in reversed(events):
+        if isinstance(event, kind):
+            return event
+    raise WorkerError(f"the worker finished without sending its {kind.__name__} event")
+
+
+def _run(
+    command: list[str],
+    module: str,
+    on_event: Callable[[WorkerEvent], None] | None,
+    on_output: Callable[[str], None],
+) -> list[WorkerEvent]:
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+        start_new_session=True,  # its own process group, so a stop reaches its children too
+        preexec_fn=die_with_parent,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    error, events = None, []
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith(EVENT_PREFIX):
+                event = read_event(line, module)
+                if isinstance(event, Failed):
+                    error = event.message
+                elif isinstance(event, Note):
+                    on_output(event.message)
+                else:
+                    events.append(event)
+                    if on_event is not None:
+                        on_event(event)
+            elif line.strip():
+                on_output(line.rstrip())
+        returncode = process.wait()
+    except BaseException:
+        _stop(process)
+        raise
+    if returncode != 0:
+        reason = error or f"exited with code {returncode}" + (
+            f" (killed by signal {-returncode})" if returncode < 0 else ""
+        )
+        raise WorkerError(f"{module}: {reason}")
+    return events
+
+
+def worker_entry(main: Callable[[Any], None], config_type: object) -> None:
+    """`if __name__ == "__main__": worker_entry(main, ItsConfig)` in a worker module.
+
+    The config file is validated as `config_type` (a model of tasks/contracts/worker_configs.py, or a
+    union of them) before `main` sees it: a field that is missing, unknown or of the wrong type
+    is an error event naming the file and the field.
+    A WorkerError becomes an error event (a message for the user, exit code 2); anything
+    else is a bug and keeps its traceback on stderr.
+    """
+    path = Path(sys.argv[1])
+    try:
+        config = TypeAdapter(config_type).validate_json(path.read_bytes())
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
+        emit(Failed(message=f"{path}: not the config this worker reads ({problems})"))
+        sys.exit(2)
+    try:
+        main(config)
+    except WorkerError as exc:
+        emit(Failed(message=str(exc)))
+        sys.exit(2)

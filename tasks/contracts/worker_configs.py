@@ -1,0 +1,142 @@
+"""What a stage task hands its worker process: one pydantic model per worker, the contract between them.
+
+The task builds the config (a wrong or missing field fails there, in the flow process, before
+anything is launched); `run_worker` writes it as JSON; the worker validates it again when it
+starts (`worker_entry`), so a config written by another version of the code is refused with the
+field named instead of failing minutes later on a missing key. Only pydantic and the spec's
+sections are imported here: the flow process reads this module without torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.contracts.spec_sections import TrainSpec
+
+
+class WorkerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Weights(WorkerConfig):
+    """A trained model as later stages load it: a model directory and the LoRA adapters to put on it, in order."""
+
+    model_dir: str
+    adapters: list[str] = Field(default_factory=list)
+
+
+class EvalPrompt(WorkerConfig):
+    """An evaluation prompt, placeholders filled: with a reference answer (identity) or accepted answers (control)."""
+
+    prompt: str
+    reference: str = ""
+    answers: list[str] = Field(default_factory=list)
+
+
+class ConvertJob(WorkerConfig):
+    """Dequantize the GGUF file at `gguf` into a safetensors model directory `out` (tasks/workers/gguf.py)."""
+
+    gguf: str
+    out: str
+
+
+class EvaluateJob(WorkerConfig):
+    """Answer and score the evaluation prompts with the tuned and the base model (tasks/workers/evaluate.py)."""
+
+    model_path: str  # the base model
+    tuned: Weights
+    trust_remote_code: bool
+    compute_type: str
+    dataset_dir: str  # the tokenized set: its val/ split gives the validation loss
+    tokenized_digest: str
+    identity: list[EvalPrompt]
+    control: list[EvalPrompt]
+    template_vars: dict[str, str]
+    max_new_tokens: int
+    compare_base: bool
+    batch_size: int
+    output_dir: str
+
+
+class ExportJob(WorkerConfig):
+    """Merge the trained weights into one model, check its logits, save shards (tasks/workers/export.py)."""
+
+    model_path: str  # the base model: its tokenizer and generation config
+    weights: Weights
+    trust_remote_code: bool
+    max_shard_size: str
+    logits_atol: float
+    output_dir: str
+
+
+class TemplateJob(WorkerConfig):
+    """Read the named datasets, template each row, shuffle, split; write train/ and val/ under `out`."""
+
+    job: Literal["template"] = "template"
+    names: list[str]
+    registry: str | None
+    kind: str
+    template_vars: dict[str, str]
+    max_samples: int | None
+    shuffle: bool
+    seed: int
+    val_size: float
+    preview_rows: int
+    on_bad_row: Literal["error", "skip"]
+    num_proc: int
+    scratch_dir: str
+    out: str
+
+
+class TokenizeJob(WorkerConfig):
+    """Tokenize the templated train/ and val/ with the model's chat template; write them under `out`."""
+
+    job: Literal["tokenize"] = "tokenize"
+    templated: str
+    model_path: str
+    trust_remote_code: bool
+    kind: str
+    cutoff_len: int
+    train_on_prompt: bool
+    num_proc: int
+    scratch_dir: str
+    out: str
+
+
+# the data worker does either job; the `job` field says which
+DataJob = Annotated[TemplateJob | TokenizeJob, Field(discriminator="job")]
+
+
+class TrainJob(TrainSpec):
+    """Train one stage (tasks/workers/train.py for pt and sft, tasks/workers/trl.py for the others).
+
+    The stage's train section as the spec gives it, and what the stage task resolved for it.
+    """
+
+    start: Weights  # the model the stage continues
+    tokenizer_path: str
+    dataset_dir: str  # the tokenized set: train/ and val/
+    cutoff_len: int
+    pad_token_id: int
+    output_dir: str
+    trust_remote_code: bool = False
+    reward_model_dir: str | None = None  # ppo: the rm stage's scoring model
+    # distributed: deepspeed: the deepspeed_config file's settings as the task read them (DeepSpeed's own mapping)
+    deepspeed_resolved: dict[str, Any] | None = None
+
+
+class BenchTrlJob(TrainJob):
+    """make bench: the same training through TRL's SFTTrainer (tasks/tools/bench_train.py)."""
+
+    trl_max_steps: int = -1
+
+
+class TrainingNotice(WorkerConfig):
+    """What node 0 of a multi-node train stage announces in the shared workspace, for the other nodes."""
+
+    worker_config: str  # the TrainJob file every node's workers read
+    num_processes: int
+    nnodes: int
+    rendezvous: str

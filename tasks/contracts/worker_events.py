@@ -1,0 +1,136 @@
+"""The events a worker sends back to the task that launched it: one pydantic model per kind.
+
+A worker prints each as one `@@tunefactory {json}` line (`emit`); `run_worker` reads the line back
+as a `WorkerEvent`, so an event whose fields do not match the contract fails where it arrives,
+naming the field, not as a KeyError in a handler minutes later. Handlers match on the class.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.contracts.stage_infos import RankSummary, SourceRecord
+
+Number = int | float  # int stays int (counts), so logs and manifests show 22, not 22.0
+
+
+class Event(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Failed(Event):
+    """The worker stops: a message meant for the user (a mistake of theirs, or a check that failed)."""
+
+    type: Literal["error"] = "error"
+    message: str
+
+
+class Note(Event):
+    """A line for the stage's log."""
+
+    type: Literal["note"] = "note"
+    message: str
+
+
+class Templated(Event):
+    type: Literal["templated"] = "templated"
+    sources: list[SourceRecord]
+    rows: int
+    train_rows: int
+    val_rows: int
+    skipped: dict[str, int]  # "dataset: reason" -> rows left out
+    preview: list[dict[str, object]]  # the first rows of the training split, as the stage reads them
+
+
+class Tokenized(Event):
+    type: Literal["tokenized"] = "tokenized"
+    metrics: dict[str, Number]  # per split: examples, tokens, truncated, supervised_tokens, dropped
+    sample: str  # the first training example as the model sees it
+
+
+class TrainingStarted(Event):
+    type: Literal["start"] = "start"
+    total_steps: int
+    first_step: int
+    trainable_params: int
+    total_params: int
+    examples: int
+    compute_type: str
+    device: str
+    # what the spec's "auto" (None) became, where the loop decides it (pt and sft)
+    attention: str | None = None
+    packing: bool | None = None
+    torch_compile: bool | None = None
+    gradient_checkpointing: bool | None = None
+    world_size: int = 1
+
+
+class StepLogged(Event):
+    type: Literal["log"] = "log"
+    step: int
+    metrics: dict[str, Number]  # loss, learning rate, grad norm, throughput, and each trainer's own
+
+
+class Checkpointed(Event):
+    type: Literal["checkpoint"] = "checkpoint"
+    step: int
+
+
+class Resumed(Event):
+    type: Literal["resumed"] = "resumed"
+    step: int
+    checkpoint: str
+
+
+class TrainingDone(Event):
+    type: Literal["done"] = "done"
+    step: int
+    final_loss: float
+    metrics: dict[str, Number]
+    ranks: list[RankSummary] | None = None  # with several processes: where each one ended
+
+
+class Evaluated(Event):
+    type: Literal["metrics"] = "metrics"
+    variant: Literal["tuned", "base"]
+    metrics: dict[str, Number]
+
+
+class ExportChecked(Event):
+    type: Literal["checked"] = "checked"
+    merged_logits_max_diff: float
+    reloaded_logits_max_diff: float
+    shards: int
+
+
+class BenchTrlDone(Event):
+    """make bench: TRL's SFTTrainer on the same case (tasks/tools/bench_train.py)."""
+
+    type: Literal["bench_trl_done"] = "bench_trl_done"
+    tokens_per_second: float
+    peak_memory_mb: float
+    final_loss: float
+    steps: int
+    adapter: str
+    gradient_checkpointing: bool
+    batch_size: int
+    precision: str
+
+
+WorkerEvent = Annotated[
+    Failed
+    | Note
+    | Templated
+    | Tokenized
+    | TrainingStarted
+    | StepLogged
+    | Checkpointed
+    | Resumed
+    | TrainingDone
+    | Evaluated
+    | ExportChecked
+    | BenchTrlDone,
+    Field(discriminator="type"),
+]

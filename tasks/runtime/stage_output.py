@@ -1,0 +1,269 @@
+"""The stage contract: cache keys, manifests, atomic outputs and reuse.
+
+A stage writes into `<workspace>/stages/<stage>/<key>.partial/`, and only a complete output is
+renamed to `<workspace>/stages/<stage>/<key>/` with a `manifest.json` listing every file's
+sha256. A later run with the same key reuses that directory after checking the hashes; a
+missing or altered file makes the stage run again.
+
+Hashing a model's weights on every reuse costs seconds per gigabyte, so, as git's index does,
+a file whose hash has matched is remembered by its size, modification time and inode
+(`.verified.json`); while those are unchanged it is not read again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from tasks.contracts.stage_infos import StageInfo
+from tasks.dataset.sources import sha256_file  # one file hash for stage outputs and data sources
+from tasks.runtime.locks import file_lock
+from tasks.runtime.tracking import StageRun, Tracking, record_reused_stage, stage_run
+
+PARTIAL_SUFFIX = ".partial"
+MANIFEST = "manifest.json"
+VERIFIED = ".verified.json"
+# a file modified this recently could change again within the clock's resolution without its
+# stamp changing: it is hashed until it is older than this
+SETTLED_NS = 2_000_000_000
+
+
+class StageResult(BaseModel):
+    """What a stage's build function hands back: its metrics and stage-specific facts."""
+
+    metrics: dict[str, float] = Field(default_factory=dict)
+    info: StageInfo | None = None  # written into the manifest; read back with e.g. TrainInfo.of(manifest)
+
+
+class Manifest(BaseModel):
+    """A finished stage output: small, JSON-able, and enough to verify and reuse it."""
+
+    stage: str
+    key: str
+    output_dir: str
+    files: dict[str, str] = Field(description="relative path -> sha256")
+    metrics: dict[str, float] = Field(default_factory=dict)
+    info: dict[str, Any] = Field(default_factory=dict)
+    mlflow_run_id: str | None = None
+    created_at: float = 0.0
+    duration_s: float = Field(0.0, description="how long building the output took")
+    reused: bool = False
+    elapsed_s: float = Field(0.0, description="time this run spent on the stage (set on return)")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.output_dir)
+
+    def digest(self) -> str:
+        """Content identity of the output, used in downstream cache keys."""
+        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def tree_digest(root: Path, names: list[str]) -> str:
+    """One digest over the named files and directories under `root`: a dataset's identity."""
+    digest = hashlib.sha256()
+    for name in names:
+        path = root / name
+        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
+            if file.is_file():
+                digest.update(f"{file.relative_to(root)}:{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """Hash of the source of the modules that compute a stage: editing them invalidates its cache.
+
+    Modules are named as imported (`tasks.workers.train`) and found without importing them,
+    so the flow process can name a worker's modules without loading torch.
+    """
+    digest = hashlib.sha256()
+    for name in modules:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin, f"no source for module {name}"
+        digest.update(Path(spec.origin).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def cache_key(stage: str, config: dict[str, Any], upstream: list[Manifest], version: str) -> str:
+    """The one cache-key function: stage name, its config section, upstream digests, code version."""
+    payload = {
+        "stage": stage,
+        "config": config,
+        "upstream": sorted(manifest.digest() for manifest in upstream),
+        "code": version,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_id(base: str, for_stage: str) -> str:
+    """A stage's name for one training stage of a chain: 'train' keeps the plain name
+    ('tokenize'), a later stage 'reward' gets its own ('tokenize-reward')."""
+    return base if for_stage == "train" else f"{base}-{for_stage}"
+
+
+def stage_run_name(label: str) -> Callable[[], str]:
+    """A Prefect task-run name: the label, plus the training stage it serves when not 'train'."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        for_stage = task_run.parameters.get("for_stage", "train")
+        return label if for_stage == "train" else f"{label} ({for_stage})"
+
+    return name
+
+
+def stage_dir(workspace: Path, stage: str, key: str) -> Path:
+    return workspace / "stages" / stage / key
+
+
+def file_stamp(path: Path) -> list[int]:
+    """Size, modification time and inode: what changes when a file is rewritten or replaced."""
+    status = path.stat()
+    return [status.st_size, status.st_mtime_ns, status.st_ino]
+
+
+def load_finished(workspace: Path, stage: str, key: str) -> Manifest | None:
+    """The manifest of a finished output whose files all match their hashes, else None.
+
+    A file whose stamp is the one recorded when its hash last matched is not hashed again.
+    """
+    directory = stage_dir(workspace, stage, key)
+    try:
+        manifest = Manifest.model_validate_json((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    try:
+        known = json.loads((directory / VERIFIED).read_text())
+    except (OSError, ValueError):
+        known = {}
+    verified = {}
+    for relative, expected in manifest.files.items():
+        file = directory / relative
+        if not file.is_file():
+            return None
+        stamp = file_stamp(file)
+        if known.get(relative) != stamp and sha256_file(file) != expected:
+            return None
+        if time.time_ns() - stamp[1] > SETTLED_NS:
+            verified[relative] = stamp
+    if verified != known:
+        with contextlib.suppress(OSError):  # a read-only workspace is hashed every time, nothing worse
+            partial = directory / f"{VERIFIED}.{os.getpid()}"
+            partial.write_text(json.dumps(verified))
+            os.replace(partial, directory / VERIFIED)
+    return manifest.model_copy(update={"output_dir": str(directory)})
+
+
+def build_output(
+    workspace: Path,
+    stage: str,
+    key: str,
+    build: Callable[[Path], StageResult],
+    mlflow_run_id: str | None = None,
+    resumable: bool = False,
+) -> Manifest:
+    """Run `build` in the stage's partial directory, then publish it atomically.
+
+    A resumable stage (training) keeps what a failed attempt left in the partial directory,
+    so it finds its checkpoints there; any other stage starts from an empty one.
+    """
+    final = stage_dir(workspace, stage, key)
+    partial = final.with_name(key + PARTIAL_SUFFIX)
+    if not resumable:
+        shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result = build(partial)
+    files = {
+        str(path.relative_to(partial)): sha256_file(path)
+        for path in sorted(partial.rglob("*"))
+        if path.is_file() and path.name != MANIFEST
+    }
+    manifest = Manifest(
+        stage=stage,
+        key=key,
+        output_dir=str(final),
+        files=files,
+        metrics=result.metrics,
+        info=result.info.model_dump(mode="json") if result.info is not None else {},
+        mlflow_run_id=mlflow_run_id,
+        created_at=started,
+        duration_s=round(time.time() - started, 2),
+    )
+    (partial / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+    if final.exists():  # an output that failed verification: replace it
+        shutil.rmtree(final)
+    os.replace(partial, final)
+    return manifest
+
+
+def published_dir(out: Path) -> Path:
+    """Where a stage's output lives once built: `out` is its `.partial` directory while building."""
+    return out.with_name(out.name.removesuffix(PARTIAL_SUFFIX))
+
+
+class StageContext(BaseModel):
+    """Where a pipeline run's stages work: its workspace, and the MLflow run they log under."""
+
+    workspace: Path
+    tracking: Tracking
+
+
+def run_stage(
+    stage: str,
+    config: dict[str, Any],
+    upstream: list[Manifest],
+    version: str,
+    ctx: StageContext,
+    build: Callable[[Path, StageRun], StageResult],
+    resumable: bool = False,
+) -> Manifest:
+    """Reuse the stage's verified output if its key matches, else build it under a child run.
+
+    Runs holding the same key wait for each other (a file lock), so two pipelines that share
+    a stage build it once. A resumable stage continues the MLflow run of its interrupted
+    attempt, so its metrics carry on from where they stopped.
+    """
+    started = time.time()
+    workspace, tracking = ctx.workspace, ctx.tracking
+    key = cache_key(stage, config, upstream, version)
+    with stage_lock(workspace, stage, key):
+        finished = load_finished(workspace, stage, key)
+        if finished is not None:
+            record_reused_stage(tracking, stage, key, finished.mlflow_run_id)
+            return finished.model_copy(update={"reused": True, "elapsed_s": round(time.time() - started, 2)})
+        attempt = stage_dir(workspace, stage, key).with_name(key + ".attempt")
+        earlier_run = attempt.read_text().strip() if resumable and attempt.is_file() else None
+        with stage_run(tracking, stage, config, continue_run_id=earlier_run) as run:
+            attempt.write_text(run.run_id)
+            run.set_tags({"cache_key": key})
+            manifest = build_output(workspace, stage, key, lambda out: build(out, run), run.run_id, resumable)
+            run.log_metrics(manifest.metrics)
+            run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+        attempt.unlink()
+    return manifest.model_copy(update={"elapsed_s": round(time.time() - started, 2)})
+
+
+def stage_lock(workspace: Path, stage: str, key: str):
+    """An exclusive lock on one stage output."""
+    return file_lock(stage_dir(workspace, stage, key).with_name(key + ".lock"))
+
+
+def point_link(link: Path, target: Path) -> Path:
+    """Make `link` a symlink to `target`, replacing an older one: stable names for outputs."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    link.symlink_to(target.resolve(), target_is_directory=True)
+    return link

