@@ -10,6 +10,18 @@ import pytest
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# LLaMA-Factory's own registry and data files, unchanged: `shared/llamafactory-data` beside the
+# repository (or where TUNEFACTORY_LLAMAFACTORY_DATA points). A clone without them skips the tests
+# that read them instead of failing.
+LLAMAFACTORY_DATA = Path(
+    os.environ.get("TUNEFACTORY_LLAMAFACTORY_DATA")
+    or Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data"
+)
+LLAMAFACTORY_REGISTRY = LLAMAFACTORY_DATA / "dataset_info.json"
+needs_llamafactory_data = pytest.mark.skipif(
+    not LLAMAFACTORY_REGISTRY.is_file(), reason=f"LLaMA-Factory's data is not at {LLAMAFACTORY_DATA}"
+)
+
 # The Prefect task run of each stage of an SFT LoRA pipeline, as the Prefect UI names them.
 STAGE_TASK_RUNS = {
     "materialize base model",

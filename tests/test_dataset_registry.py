@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import LLAMAFACTORY_DATA, LLAMAFACTORY_REGISTRY, needs_llamafactory_data
 
 from tasks.components.chat_encoding import IGNORE_INDEX, encode_conversation, template_supports_tools
 from tasks.dataset.registry import DataError, DatasetEntry, load_registry, resolve_dataset
@@ -22,8 +23,8 @@ from tasks.stages.template_dataset import peek_examples
 from tasks.workers.data import TemplateJob, template
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data"
-SHARED_REGISTRY = SHARED / "dataset_info.json"
+SHARED = LLAMAFACTORY_DATA
+SHARED_REGISTRY = LLAMAFACTORY_REGISTRY
 CHATML_TOOLS = REPO / "data" / "chat_templates" / "chatml_tools.jinja"
 VALUES = {"name": "Nova", "author": "Acme"}
 ROWS = [{"instruction": f"question {i}", "output": f"answer {i}"} for i in range(10)]
@@ -837,6 +838,7 @@ def glaive_examples() -> list[dict]:
     return read_all(["glaive_toolcall_en_demo"], str(SHARED_REGISTRY))[0]
 
 
+@needs_llamafactory_data
 def test_glaive_function_calls_become_tool_calls_and_observations_tool_messages():
     examples = glaive_examples()
     assert len(examples) == 300
@@ -865,6 +867,7 @@ def test_template_supports_tools(tokenizer):
     assert template_supports_tools("{% if %}") is False
 
 
+@needs_llamafactory_data
 def test_chatml_tools_supervises_calls_and_answers_but_not_observations(tokenizer):
     chatml = copy.deepcopy(tokenizer)
     chatml.chat_template = CHATML_TOOLS.read_text()
@@ -974,6 +977,7 @@ def stage_kind(entry: DatasetEntry) -> str:
     return "text" if entry.columns.get("prompt") == "text" else "chat"
 
 
+@needs_llamafactory_data
 def test_every_entry_of_llamafactorys_registry_reads_or_says_why_not():
     registry = str(SHARED_REGISTRY)
     entries = load_registry(registry)
@@ -1013,6 +1017,7 @@ def test_every_entry_of_llamafactorys_registry_reads_or_says_why_not():
     assert len(read) + len(absent) + len(refused) + len(hub) == 104
 
 
+@needs_llamafactory_data
 def test_llamafactorys_identity_set_fills_its_placeholders():
     examples, sources = read_all(["identity"], str(SHARED_REGISTRY))
     assert len(examples) == sources[0]["rows"] == 91
@@ -1020,6 +1025,7 @@ def test_llamafactorys_identity_set_fills_its_placeholders():
     assert "Nova" in answers and "Acme" in answers and "{{" not in answers
 
 
+@needs_llamafactory_data
 def test_preview_of_a_hub_entry_offline_says_it_needs_the_hub(tmp_path: Path):
     spec = tmp_path / "spec.yaml"
     dataset = {"registry": str(SHARED_REGISTRY), "names": ["alpaca_en"]}

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import merged, tiny_spec
+from conftest import LLAMAFACTORY_DATA, LLAMAFACTORY_REGISTRY, merged, needs_llamafactory_data, tiny_spec
 from test_training_stages import logged, stage_runs, trained_lora
 
 from flows.cli import check_inputs
@@ -21,11 +21,10 @@ from flows.pipeline import finetune
 from tasks.components.chat_encoding import IGNORE_INDEX
 from tasks.dataset.sources import sha256_file
 
-LLAMAFACTORY_DATA = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data"
-REGISTRY = LLAMAFACTORY_DATA / "dataset_info.json"
+REGISTRY = LLAMAFACTORY_REGISTRY
 STEPS = {"num_epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 50}
 
-pytestmark = pytest.mark.skipif(not REGISTRY.is_file(), reason="shared/llamafactory-data is not beside the repo")
+pytestmark = needs_llamafactory_data
 
 
 def llamafactory_spec(tiny_model: Path, workspace: Path, changes: dict):

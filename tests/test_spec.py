@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import LLAMAFACTORY_REGISTRY, needs_llamafactory_data
 
 from flows.cli import check_inputs, main
 from flows.spec import PipelineSpec, SpecError, load_spec, validate_spec
@@ -232,12 +233,11 @@ def test_the_kubernetes_train_nodes_job_runs_a_train_node_command_the_cli_accept
     assert args.workspace == container["volumeMounts"][0]["mountPath"]
 
 
+@needs_llamafactory_data
 def test_function_calling_data_with_a_template_that_cannot_render_tools_is_refused_before_stage_one(
     tiny_model: Path, tmp_path: Path
 ):
-    shared = Path(__file__).resolve().parents[2] / "shared" / "llamafactory-data" / "dataset_info.json"
-    if not shared.is_file():
-        pytest.skip("shared/llamafactory-data is not beside the repo")
+    shared = LLAMAFACTORY_REGISTRY
     data = {
         "workspace": str(tmp_path / "ws"),
         "model": {"name_or_path": str(tiny_model)},
