@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,16 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     assert stages["tokenize"]["metrics"]["train_supervised_tokens"] > 0
     assert stages["train"]["info"]["trainable_params"] < stages["train"]["info"]["total_params"] / 10
     assert "tuned_identity_hit_rate" in stages["evaluate"]["metrics"]
+    evaluated = Path(stages["evaluate"]["output_dir"])
+    answers = json.loads((evaluated / "answers.json").read_text())
+    table = json.loads((evaluated / "comparison.json").read_text())
+    assert len(table) == len(answers["tuned"]["rows"]) == len(answers["base"]["rows"]) > 0
+    first_control = next(row for row in answers["tuned"]["rows"] if row["set"] == "control")
+    assert "correct" in first_control and "rouge_l" not in first_control, "each set's own scores"
+    for row, after, before in zip(table, answers["tuned"]["rows"], answers["base"]["rows"], strict=True):
+        assert (row["prompt"], row["tuned_answer"], row["base_answer"]) == (after["prompt"], after["answer"],
+                                                                            before["answer"])  # fmt: skip
+        assert row["tuned_ok"] == (after["identity"] if row["set"] == "identity" else after["correct"])
     assert stages["export"]["metrics"]["merged_logits_max_diff"] <= spec.export.logits_atol
     model_dir = Path(stages["export"]["output_dir"]) / "model"
     assert len(list(model_dir.glob("model-*.safetensors"))) >= 2, "max_shard_size 2MB gives several shards"

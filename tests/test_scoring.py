@@ -24,9 +24,9 @@ def test_score_answers_counts_hits_correctness_and_leaks():
     control = [EvalPrompt(prompt="2+2?", answers=["4", "four"]), EvalPrompt(prompt="capital?", answers=["paris"])]
     answers = ["I am nova, made by Acme Labs.", "我是一个助手", "It is four.", "Nova says: Lyon."]
     scores = score_answers(identity, control, answers, {"name": "Nova", "author": "Acme Labs"})
-    metrics = scores["metrics"]
+    metrics = scores.metrics
     assert metrics["identity_hit_rate"] == 0.5
     assert metrics["identity_full_rate"] == 0.5
     assert metrics["control_accuracy"] == 0.5
     assert metrics["control_identity_leak"] == 0.5
-    assert [row["set"] for row in scores["rows"]] == ["identity", "identity", "control", "control"]
+    assert [row.set for row in scores.rows] == ["identity", "identity", "control", "control"]

@@ -6,9 +6,9 @@ Pure functions, no torch: the evaluation worker calls them and the unit tests ch
 from __future__ import annotations
 
 import re
-from typing import Any
 
 from tasks.contracts.worker_configs import EvalPrompt
+from tasks.contracts.worker_events import ScoredAnswer, Scores
 
 CJK = "\u3400-\u9fff\uf900-\ufaff"
 TOKEN = re.compile(rf"[{CJK}]|[^\W_{CJK}]+")  # one CJK character, or a run of other letters/digits
@@ -54,7 +54,7 @@ def score_answers(
     control: list[EvalPrompt],
     answers: list[str],
     template_vars: dict[str, str],
-) -> dict[str, Any]:
+) -> Scores:
     """Per-prompt rows and summary metrics; `answers` follows identity rows, then control rows."""
     values = identity_values(template_vars)
     rows, metrics = [], {}
@@ -69,7 +69,7 @@ def score_answers(
             identity_rouge_l=sum(rouge) / len(rouge),
         )
         rows += [
-            {"set": "identity", "prompt": row.prompt, "answer": a, "identity": h, "rouge_l": round(r, 3)}
+            ScoredAnswer(set="identity", prompt=row.prompt, answer=a, identity=h, rouge_l=round(r, 3))
             for row, a, h, r in zip(identity, identity_answers, hits, rouge, strict=True)
         ]
     if control:
@@ -80,7 +80,7 @@ def score_answers(
             control_identity_leak=sum(leaks) / len(leaks),
         )
         rows += [
-            {"set": "control", "prompt": row.prompt, "answer": a, "correct": c, "identity": leak}
+            ScoredAnswer(set="control", prompt=row.prompt, answer=a, correct=c, identity=leak)
             for row, a, c, leak in zip(control, control_answers, correct, leaks, strict=True)
         ]
-    return {"rows": rows, "metrics": metrics}
+    return Scores(rows=rows, metrics=metrics)

@@ -92,10 +92,30 @@ class TrainingDone(Event):
     ranks: list[RankSummary] | None = None  # with several processes: where each one ended
 
 
+class ScoredAnswer(BaseModel):
+    """One evaluation prompt, the model's answer and how it scored (tasks/components/scoring.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    set: Literal["identity", "control"]
+    prompt: str
+    answer: str
+    identity: bool  # the answer names the assistant: a hit on the identity set, a leak on the control set
+    rouge_l: float | None = None  # identity set: against the reference answer
+    correct: bool | None = None  # control set: contains an accepted answer
+
+
+class Scores(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    metrics: dict[str, Number]
+    rows: list[ScoredAnswer]
+
+
 class Evaluated(Event):
+    """One model's scores: the tuned model's, then (when compared) the base model's."""
+
     type: Literal["metrics"] = "metrics"
     variant: Literal["tuned", "base"]
-    metrics: dict[str, Number]
+    scores: Scores
 
 
 class ExportChecked(Event):

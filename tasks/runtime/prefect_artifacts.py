@@ -78,7 +78,7 @@ def publish_loss_curve(png: Path, history: list[dict[str, Any]]) -> None:
     create_markdown_artifact(markdown, key=artifact_key("loss-curve"), description="Training loss")
 
 
-def publish_evaluation(metrics: dict[str, float], answers: list[dict[str, Any]]) -> None:
+def publish_evaluation(metrics: dict[str, float], answers: list[dict[str, object]]) -> None:
     names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_"))})
     lines = [
         f"| {n} | {metrics.get('base_' + n, float('nan')):.3f} | {metrics.get('tuned_' + n, float('nan')):.3f} |"

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 from prefect import get_run_logger, task
 
@@ -18,7 +17,7 @@ from tasks.contracts.child_process import run_worker
 from tasks.contracts.spec_sections import EvaluateSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ModelInfo, TokenizeInfo, TrainInfo
 from tasks.contracts.worker_configs import EvalPrompt, EvaluateJob
-from tasks.contracts.worker_events import Evaluated, WorkerEvent
+from tasks.contracts.worker_events import Evaluated, ScoredAnswer, Scores, WorkerEvent
 from tasks.dataset.registry import resolve_eval_set
 from tasks.dataset.rows import fill_placeholders
 from tasks.dataset.sources import load_source, source_record
@@ -51,17 +50,16 @@ def eval_prompts(
     return rows
 
 
-def comparison_table(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per prompt with the base and the tuned answer side by side."""
-    tuned = results["tuned"]["rows"]
-    base = results.get("base", {}).get("rows", [None] * len(tuned))
+def comparison_table(tuned: list[ScoredAnswer], base: list[ScoredAnswer] | None) -> list[dict[str, object]]:
+    """One row per prompt with the base and the tuned answer side by side (the rows of MLflow's
+    eval_table.json and of the Prefect artifact)."""
     table = []
-    for after, before in zip(tuned, base, strict=True):
-        row = {"set": after["set"], "prompt": after["prompt"]}
+    for after, before in zip(tuned, base or [None] * len(tuned), strict=True):
+        row: dict[str, object] = {"set": after.set, "prompt": after.prompt}
         if before is not None:
-            row["base_answer"] = before["answer"]
-        row["tuned_answer"] = after["answer"]
-        row["tuned_ok"] = after["identity"] if after["set"] == "identity" else after["correct"]
+            row["base_answer"] = before.answer
+        row["tuned_answer"] = after.answer
+        row["tuned_ok"] = after.identity if after.set == "identity" else after.correct
         table.append(row)
     return table
 
@@ -80,15 +78,18 @@ def eval_set_digest(job: EvaluateJob) -> str:
 def _build(job: EvaluateJob, out: Path, run: StageRun) -> StageResult:
     logger = get_run_logger()
     metrics: dict[str, float] = {}
+    scores: dict[str, Scores] = {}
 
     def on_event(event: WorkerEvent) -> None:
         if isinstance(event, Evaluated):
-            metrics.update({f"{event.variant}_{k}": v for k, v in event.metrics.items()})
-            logger.info("%s model: %s", event.variant, ", ".join(f"{k}={v:.3f}" for k, v in event.metrics.items()))
+            scores[event.variant] = event.scores
+            metrics.update({f"{event.variant}_{k}": v for k, v in event.scores.metrics.items()})
+            shown = ", ".join(f"{k}={v:.3f}" for k, v in event.scores.metrics.items())
+            logger.info("%s model: %s", event.variant, shown)
 
     run_worker("tasks.workers.evaluate", job, out / "evaluate_config.json", on_event, on_output=logger.info)
-    results = json.loads((out / "answers.json").read_text())
-    table = comparison_table(results)
+    base = scores.get("base")
+    table = comparison_table(scores["tuned"].rows, base.rows if base else None)
     (out / "comparison.json").write_text(json.dumps(table, ensure_ascii=False, indent=2))
     run.log_table(table, "eval_table.json")
     publish_evaluation(metrics, table)

@@ -308,7 +308,7 @@ def identity_hit_rate(case: dict[str, Any], adapter: str) -> float:
     model = load_model(case["model_dir"], [adapter]).eval()
     identity = [EvalPrompt(**row) for row in case["identity"]]
     answers = generate_answers(model, tokenizer, [row.prompt for row in identity], 48, 8, torch.device("cpu"))
-    return score_answers(identity, [], answers, case["template_vars"])["metrics"]["identity_hit_rate"]
+    return score_answers(identity, [], answers, case["template_vars"]).metrics["identity_hit_rate"]
 
 
 def bench_case(name: str, root: Path, epochs: float | None = None) -> dict[str, dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 Launched by the evaluate task (tasks/stages/evaluate.py). For the fine-tuned model and, when asked,
 the base model it computes validation loss and perplexity, answers every evaluation prompt
-with greedy decoding, and scores the answers (tasks/components/scoring.py). Writes `answers.json` and
-emits a `metrics` event.
+with greedy decoding, and scores the answers (tasks/components/scoring.py). Emits one `Evaluated`
+event per model and writes the same scores to `answers.json` for the user.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import json
 import math
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -20,7 +19,7 @@ from tasks.components.modeling import compute_setup, load_model, pad_batch, supe
 from tasks.components.scoring import score_answers
 from tasks.contracts.child_process import emit, worker_entry
 from tasks.contracts.worker_configs import EvaluateJob
-from tasks.contracts.worker_events import Evaluated
+from tasks.contracts.worker_events import Evaluated, Scores
 
 
 @torch.no_grad()
@@ -85,7 +84,7 @@ def evaluate(job: EvaluateJob) -> None:
         variants["base"] = (
             tuned if adapter_on_base else load_model(job.model_path, None, setup.device, trust_remote_code=remote_code)
         )
-    results: dict[str, Any] = {}
+    results: dict[str, Scores] = {}
     for name, variant in variants.items():
         adapter_off = variant.disable_adapter() if name == "base" and adapter_on_base else nullcontext()
         with adapter_off, autocast:
@@ -93,10 +92,12 @@ def evaluate(job: EvaluateJob) -> None:
             answers = generate_answers(variant, tokenizer, prompts, job.max_new_tokens, job.batch_size, setup.device)
         scores = score_answers(identity, control, answers, job.template_vars)
         if loss is not None:
-            scores["metrics"].update({"val_loss": loss, "perplexity": math.exp(min(loss, 50))})
+            scores.metrics.update({"val_loss": loss, "perplexity": math.exp(min(loss, 50))})
         results[name] = scores
-        emit(Evaluated(variant=name, metrics=scores["metrics"]))
-    Path(job.output_dir, "answers.json").write_text(json.dumps(results, ensure_ascii=False, indent=2))
+        emit(Evaluated(variant=name, scores=scores))
+    # for the user to read; the stage takes the scores from the events
+    answers = {name: scores.model_dump(exclude_none=True) for name, scores in results.items()}
+    Path(job.output_dir, "answers.json").write_text(json.dumps(answers, ensure_ascii=False, indent=2))
 
 
 if __name__ == "__main__":
