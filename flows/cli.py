@@ -27,6 +27,7 @@ from typing import Any
 
 from flows.spec import PipelineSpec, SpecError, load_spec
 from tasks.contracts.stage_infos import ExportInfo
+from tasks.runtime.redaction import redact_uri
 
 EXIT_USER_ERROR = 2
 
@@ -147,7 +148,7 @@ def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
             f"(@{info.alias}); chat with it: tunefactory chat {model_dir}",
         ]
     tracking = result["tracking"]
-    uri = tracking["uri"]
+    uri = redact_uri(tracking["uri"])  # the summary is printed and kept in logs: no credentials
     parts += ["", f"MLflow run {tracking['parent_run_id']} (experiment {tracking['experiment_id']}):"]
     if uri.startswith("sqlite"):
         parts.append("  make ui   then open http://127.0.0.1:5000")
@@ -155,7 +156,7 @@ def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
         parts.append(f"  {uri}/#/experiments/{tracking['experiment_id']}/runs/{tracking['parent_run_id']}")
     flow_run_id = result.get("flow_run_id", "")
     if os.environ.get("PREFECT_API_URL") and not temporary_prefect:
-        ui = os.environ["PREFECT_API_URL"].removesuffix("/api")
+        ui = redact_uri(os.environ["PREFECT_API_URL"].removesuffix("/api"))
         parts.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
     else:
         parts.append(

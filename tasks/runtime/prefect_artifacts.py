@@ -20,6 +20,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from tasks.runtime.redaction import redact_uri
+
 
 def artifact_key(what: str) -> str:
     """`<pipeline name>-<what>`; Prefect keys allow lowercase letters, digits and dashes only."""
@@ -95,6 +97,7 @@ def publish_evaluation(metrics: dict[str, float], answers: list[dict[str, object
 def publish_export_summary(
     model_dir: Path, registered: str, version: str, alias: str, tracking_uri: str, experiment_id: str, run_id: str
 ) -> None:
+    tracking_uri = redact_uri(tracking_uri)  # an artifact is shown to everyone who opens the UI
     if tracking_uri.startswith("http"):
         where = f"[the export run in MLflow]({tracking_uri}/#/experiments/{experiment_id}/runs/{run_id})"
     else:
