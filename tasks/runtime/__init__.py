@@ -1,2 +1,2 @@
 """What the stage tasks stand on, in the flow process: stage outputs and their cache, MLflow
-tracking and the registry, lineage, Prefect artifacts, locks, the local servers."""
+tracking and the registry, lineage, Prefect artifacts, locks, the local servers, URIs as shown (redacted)."""
