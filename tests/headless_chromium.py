@@ -95,6 +95,15 @@ class Browser:
                 raise AssertionError(f"the page never showed {what}; it shows:\n{text[:3000]}")
             time.sleep(0.5)
 
+    def wait_for_script(self, expression: str, what: str, timeout: float = 60):
+        """The value of a script once it is truthy: for an element the page draws after its text."""
+        deadline = time.time() + timeout
+        while not (value := self.evaluate(expression)):
+            if time.time() > deadline:
+                raise AssertionError(f"the page never had {what}; it shows:\n{self.text()[:3000]}")
+            time.sleep(0.5)
+        return value
+
     def click(self, label: str) -> None:
         """Click the innermost visible element whose text is exactly `label`."""
         clicked = self.evaluate(

@@ -310,12 +310,13 @@ def test_browser_mlflow_ui_shows_the_pipeline_run_with_its_stage_runs(ui_servers
     try:
         browser.open(f"{servers.mlflow_url}/#/experiments/{experiment.experiment_id}/runs")
         browser.wait_for_text("Run Name", "served-tiny")
-        # stage runs are nested under the pipeline run; the row's "+" unfolds them
-        expanded = browser.evaluate(
+        # stage runs are nested under the pipeline run; the row's "+" unfolds them. The table draws
+        # the run's name before it knows the run has children: wait for the button, not the name
+        browser.wait_for_script(
             "(() => { const b = document.querySelector('button[data-component-id*=runnamecellrenderer]');"
-            " if (!b) return false; b.click(); return true; })()"
+            " if (!b) return false; b.click(); return true; })()",
+            "an expandable pipeline run with stage runs under it",
         )
-        assert expanded, "the pipeline run has no expandable stage runs"
         browser.wait_for_text(*(name for name in STAGES))
         shot = browser.screenshot(SCREENSHOTS / "mlflow_runs.png")
         browser.open(f"{servers.mlflow_url}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}")
