@@ -64,8 +64,9 @@ def check_inputs(spec: PipelineSpec) -> None:
                     f"{key}: the data holds tools or function calls, and {which} cannot render them; "
                     "set model.chat_template: chatml_tools (or a .jinja file that renders tools and tool_calls)"
                 )
-    eval_prompts(spec.evaluate.identity_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
-    eval_prompts(spec.evaluate.control_prompts, spec.dataset.registry, spec.dataset.template_vars, ())
+    # read as the evaluate stage reads them, so a bad row stops the run here, not after training
+    eval_prompts(spec.evaluate.identity_prompts, spec.dataset.registry, spec.dataset.template_vars, ("reference",))
+    eval_prompts(spec.evaluate.control_prompts, spec.dataset.registry, spec.dataset.template_vars, ("answers",))
 
 
 def user_errors() -> tuple[type[Exception], ...]:

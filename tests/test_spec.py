@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -253,3 +254,41 @@ def test_function_calling_data_with_a_template_that_cannot_render_tools_is_refus
     ):
         validate_spec({**data, "model": {"chat_template": "chatml_tool"}})
     assert not (tmp_path / "ws").exists(), "nothing ran"
+
+
+EVAL_REGISTRY = {
+    "chat": {"file_name": "chat.json"},
+    "who": {"file_name": "who.json", "columns": {"prompt": "prompt", "response": "reference"}},
+    "facts": {"file_name": "facts.json", "columns": {"prompt": "prompt"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("which", "row", "expected"),
+    [
+        ("facts", {"prompt": "Capital of France?", "answers": "Paris"}, "row 0: 'answers' must be a non-empty list"),
+        ("facts", {"prompt": "2 + 2?", "answers": [4]}, "got [4]"),
+        ("facts", {"prompt": "2 + 2?"}, "'answers' must be a non-empty list of accepted answers as text"),
+        ("facts", {"answers": ["4"]}, "row 0: 'prompt' must be the question as non-empty text, got None"),
+        ("who", {"prompt": "Who are you?", "reference": 3}, "'reference' (the reference answer) must be text"),
+    ],
+)
+def test_evaluation_set_rows_are_checked_before_stage_one(tmp_path: Path, capsys, which, row, expected):
+    """A loose reading would score single letters as answers, or fail only after training."""
+    (tmp_path / "dataset_info.json").write_text(json.dumps(EVAL_REGISTRY))
+    (tmp_path / "chat.json").write_text('[{"instruction": "hi", "output": "hello"}]')
+    (tmp_path / "who.json").write_text('[{"prompt": "Who are you?", "reference": "I am <NAME>."}]')
+    (tmp_path / "facts.json").write_text('[{"prompt": "2 + 2?", "answers": ["4", "four"]}]')
+    workspace = tmp_path / "ws"
+    data = {
+        "workspace": str(workspace),
+        "dataset": {"names": ["chat"], "registry": str(tmp_path / "dataset_info.json")},
+        "evaluate": {"identity_prompts": "who", "control_prompts": "facts"},
+    }
+    check_inputs(validate_spec(data))  # the sets as written above are fine
+    (tmp_path / f"{which}.json").write_text(json.dumps([row]))
+    assert main(["run", str(write_spec(tmp_path, data))]) == 2
+    err = capsys.readouterr().err
+    assert f"evaluation set {which!r}" in err and f"{which}.json" in err and expected in err, err
+    assert "Traceback" not in err
+    assert not workspace.exists(), "nothing ran"

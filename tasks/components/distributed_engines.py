@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.components.modeling import ComputeSetup, causal_lm, supervised_loss
+from tasks.components.training_outputs import read_checkpoint_file
 from tasks.contracts.child_process import WorkerError
 from tasks.contracts.spec_sections import ADAPTER_METHODS
 from tasks.contracts.worker_configs import TrainJob
@@ -154,7 +155,7 @@ class Engine:
 
     def load_state(self, directory: Path) -> None:
         load_weights(self.model, directory / "weights", self.config.finetuning_type)
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+        self.optimizer.load_state_dict(read_checkpoint_file(directory / "optimizer.pt"))
 
     def save_final(self, directory: Path, rank: int) -> None:
         """The trained adapter or model (every process calls it; process 0 writes)."""

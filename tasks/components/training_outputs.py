@@ -17,6 +17,27 @@ from tasks.dataset.jsonl import write_jsonl
 CHECKPOINTS = "checkpoints"  # where both loops keep their checkpoints, inside the stage's output
 
 
+def read_checkpoint_file(path: Path):
+    """A `.pt` file of a checkpoint: tensors and plain values only.
+
+    Checkpoints sit in a workspace others may write to, and a full unpickle runs whatever code
+    the file names; `weights_only` refuses anything but tensors, numbers, text and containers,
+    which is all the loops save (optimizer and scheduler state, step, loss history, RNG state).
+    """
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).splitlines()[0]
+        raise RuntimeError(
+            f"{path}: holds more than tensors and plain values, so it is not loaded ({reason}); "
+            f"delete {path.parent} to train from the checkpoint before it"
+        ) from None
+
+
 def plot_loss(history: list[dict], path: Path, title: str) -> None:
     import matplotlib
 

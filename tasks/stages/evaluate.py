@@ -18,7 +18,7 @@ from tasks.contracts.spec_sections import EvaluateSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ModelInfo, TokenizeInfo, TrainInfo
 from tasks.contracts.worker_configs import EvalPrompt, EvaluateJob
 from tasks.contracts.worker_events import Evaluated, ScoredAnswer, Scores, WorkerEvent
-from tasks.dataset.registry import resolve_eval_set
+from tasks.dataset.registry import DataError, resolve_eval_set
 from tasks.dataset.rows import fill_placeholders
 from tasks.dataset.sources import load_source, source_record
 from tasks.runtime.prefect_artifacts import publish_evaluation
@@ -32,7 +32,10 @@ def eval_prompts(
 ) -> list[EvalPrompt]:
     """Rows of an evaluation set with placeholders filled: prompt plus the fields in `keep`.
 
-    The set is looked up in the spec's registry, then in the project's (`resolve_eval_set`).
+    The set is looked up in the spec's registry, then in the project's (`resolve_eval_set`). Each
+    row is checked as it is read (`tunefactory run` reads both sets before stage one), since a
+    loose reading changes scores that promotion trusts: `"answers": "Paris"` taken as a list
+    would accept single letters.
     """
     if name is None:
         return []
@@ -40,14 +43,31 @@ def eval_prompts(
     prompt_key, reference_key = entry.column("prompt"), entry.column("response")
     rows = []
     for index, row in enumerate(load_source(entry)):
-        where = f"dataset {name!r} ({entry.file}), row {index}"
-        item = {"prompt": fill_placeholders(str(row.get(prompt_key, "")), template_vars, where)}
+        where = f"evaluation set {name!r} ({entry.file}), row {index}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: a row must be an object with {prompt_key!r}, got {type(row).__name__}")
+        prompt = row.get(prompt_key)
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise DataError(f"{where}: {prompt_key!r} must be the question as non-empty text, got {prompt!r}")
+        item = {"prompt": fill_placeholders(prompt, template_vars, where)}
         if "reference" in keep:
-            item["reference"] = fill_placeholders(str(row.get(reference_key, "")), template_vars, where)
+            reference = row.get(reference_key, "")
+            if not isinstance(reference, str):
+                raise DataError(f"{where}: {reference_key!r} (the reference answer) must be text, got {reference!r}")
+            item["reference"] = fill_placeholders(reference, template_vars, where)
         if "answers" in keep:
-            item["answers"] = list(row.get("answers", []))
+            item["answers"] = accepted_answers(row.get("answers"), where)
         rows.append(EvalPrompt(**item))
     return rows
+
+
+def accepted_answers(value: object, where: str) -> list[str]:
+    """A control question's accepted answers: a non-empty list of texts (a bare text or a number
+    is refused rather than guessed at)."""
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a.strip() for a in value):
+        raise DataError(f"{where}: 'answers' must be a non-empty list of accepted answers as text, "
+                        f'e.g. ["Paris"] or ["4", "four"]; got {value!r}')  # fmt: skip
+    return value
 
 
 def comparison_table(tuned: list[ScoredAnswer], base: list[ScoredAnswer] | None) -> list[dict[str, object]]:

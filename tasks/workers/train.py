@@ -38,7 +38,7 @@ from tasks.components.distributed_engines import (
 from tasks.components.finetuning_methods import trainable_model
 from tasks.components.modeling import attention_implementation, causal_lm, compute_setup
 from tasks.components.packing import packed_batch, padded_batch
-from tasks.components.training_outputs import CHECKPOINTS, finish_training
+from tasks.components.training_outputs import CHECKPOINTS, finish_training, read_checkpoint_file
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.spec_sections import ADAPTER_METHODS
 from tasks.contracts.stage_infos import RankSummary
@@ -149,7 +149,7 @@ def barrier(engine: Engine) -> None:
 
 def load_checkpoint(checkpoint: Path, engine: Engine, scheduler) -> dict:
     engine.load_state(checkpoint)
-    state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
+    state = read_checkpoint_file(checkpoint / "trainer_state.pt")
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["rng"]["torch"])
     random.setstate(state["rng"]["python"])
