@@ -160,6 +160,38 @@ def validate_spec(data: dict[str, Any], source: str = "spec") -> PipelineSpec:
         raise SpecError(f"{source} is not a valid spec:\n  " + "\n  ".join(lines)) from None
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int):
+        super().__init__(f"line {line}: {key!r} is set twice in one section (YAML would keep the last silently)")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping instead of keeping the last."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                if key in seen:
+                    raise DuplicateKey(key, key_node.start_mark.line + 1)
+                seen.add(key)
+            except TypeError:  # an unhashable key: construct_mapping refuses it itself
+                pass
+        return super().construct_mapping(node, deep)
+
+
+def override_value(raw: str) -> Any:
+    """A `--set` value parsed as YAML, except that `#` is text: `name=Bot #7` is "Bot #7",
+    not "Bot" followed by a YAML comment (a shell line has its own comments)."""
+    if not raw.strip():
+        return ""
+    value = yaml.safe_load(raw)
+    if "#" in raw and "#" not in json.dumps(value, default=str):
+        return raw.strip()
+    return value
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one `key.path=value` override in place; the value is parsed as YAML."""
     if "=" not in assignment:
@@ -176,7 +208,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             raise SpecError(f"--set {assignment!r}: {where} is a value, not a section")
         node = child
     try:
-        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        node[keys[-1]] = override_value(raw)
     except yaml.YAMLError as exc:
         raise SpecError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
 
@@ -187,7 +219,11 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineS
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader) or {}  # a SafeLoader
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{path}: not UTF-8 text (byte {exc.start}); save the spec as UTF-8") from None
+    except DuplicateKey as exc:
+        raise SpecError(f"{path}, {exc}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(data, dict):

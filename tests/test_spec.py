@@ -117,6 +117,26 @@ def test_overrides_are_parsed_as_yaml_and_validated(tmp_path: Path):
         load_spec(path, ["train.learning_rate"])
 
 
+def test_a_hash_in_an_override_is_text_not_a_comment(tmp_path: Path):
+    path = write_spec(tmp_path, {})
+    spec = load_spec(path, ["dataset.template_vars.name=Bot #7", "dataset.template_vars.author=Acme"])
+    assert spec.dataset.template_vars["name"] == "Bot #7"
+    assert load_spec(path, ['dataset.template_vars.name="Bot #7"']).dataset.template_vars["name"] == "Bot #7"
+    assert load_spec(path, ["train.learning_rate=1e-4"]).train.learning_rate == pytest.approx(1e-4)
+
+
+def test_a_key_twice_and_a_spec_not_in_utf8_are_refused_naming_the_file(tmp_path: Path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  learning_rate: 1.0e-3\n  num_epochs: 2\n  learning_rate: 5.0e-4\n")
+    with pytest.raises(SpecError, match=r"twice.yaml, line 4: 'learning_rate' is set twice in one section"):
+        load_spec(twice)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("dataset:\n  template_vars:\n    author: Soci\u00e9t\u00e9\n".encode("latin-1"))
+    assert main(["validate", str(latin)]) == 2
+    err = capsys.readouterr().err
+    assert "latin.yaml: not UTF-8 text (byte 42)" in err and "Traceback" not in err, err
+
+
 def test_missing_and_malformed_spec_files(tmp_path: Path):
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "absent.yaml")
