@@ -137,6 +137,22 @@ def test_a_key_twice_and_a_spec_not_in_utf8_are_refused_naming_the_file(tmp_path
     assert "latin.yaml: not UTF-8 text (byte 42)" in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(
+    ("export", "expected"),
+    [
+        ({"alias": "latest"}, "export.alias: 'latest' is reserved by MLflow"),
+        ({"alias": "v2"}, "export.alias: 'v2' is reserved by MLflow"),
+        ({"alias": "best model"}, "export.alias: 'best model' must be letters, digits"),
+        ({"registered_model_name": "team/bot"}, "export.registered_model_name: 'team/bot' must be a non-empty name"),
+        ({"registered_model_name": "bot's"}, "without '/', ':' or quotes"),
+    ],
+)
+def test_registry_names_and_aliases_mlflow_refuses_are_refused_with_the_spec(export: dict, expected: str):
+    with pytest.raises(SpecError) as error:
+        validate_spec({"export": export})
+    assert expected in str(error.value)
+
+
 def test_missing_and_malformed_spec_files(tmp_path: Path):
     with pytest.raises(SpecError, match="no such spec file"):
         load_spec(tmp_path / "absent.yaml")

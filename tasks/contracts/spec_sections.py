@@ -442,6 +442,23 @@ class ExportSpec(Section):
     alias: str = Field("candidate", description="Registry alias set on the new version.")
     logits_atol: float = Field(1e-3, gt=0, description="Largest allowed difference between merged and adapter logits.")
 
+    # MLflow's rules for registry names and aliases, checked with the spec rather than after training
+    @field_validator("registered_model_name")
+    @classmethod
+    def _registry_name(cls, value: str | None) -> str | None:
+        if value is not None and (not value.strip() or any(c in value for c in "/:'")):
+            raise ValueError(f"{value!r} must be a non-empty name without '/', ':' or quotes (MLflow's rule)")
+        return value
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        if not re.fullmatch(r"[\w-]{1,255}", value):
+            raise ValueError(f"{value!r} must be letters, digits, '_' or '-' (MLflow's rule for aliases)")
+        if value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(f"{value!r} is reserved by MLflow ('latest' and version names like 'v2')")
+        return value
+
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, value: str) -> str:
