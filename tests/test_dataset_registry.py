@@ -699,6 +699,14 @@ def test_json_lines_line_that_is_not_an_object_is_refused_naming_it(tmp_path: Pa
         ({"instruction": ["Q"], "output": "A"}, "'instruction' (prompt) must be text, got list"),
         ({"instruction": "Q"}, "no 'output' (response) text (its columns: instruction)"),
         ({"instruction": "Q", "output": "A", "history": "hi"}, "history must be a list of [prompt, response] pairs"),
+        (
+            {"instruction": "Q", "output": "A", "history": [["hi", None]]},
+            "history turn 0: the response must be text, got NoneType",
+        ),
+        (
+            {"instruction": "Q", "output": "A", "history": [["a", "b"], [2, "c"]]},
+            "history turn 1: the prompt must be text, got int",
+        ),
     ],
 )
 def test_value_of_the_wrong_type_names_dataset_row_and_column(tmp_path: Path, row: dict, message: str):

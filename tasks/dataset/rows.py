@@ -125,8 +125,12 @@ def alpaca_prompt(entry: DatasetEntry, row: dict[str, Any], index: int) -> list[
     history = (row.get(history_key) if history_key else None) or []
     if not isinstance(history, list) or not all(isinstance(t, list | tuple) and len(t) == 2 for t in history):
         raise DataError(f"{_where(entry, index)}: history must be a list of [prompt, response] pairs", "bad history")
-    for prompt, response in history:
-        messages += [{"role": "user", "content": str(prompt)}, {"role": "assistant", "content": str(response)}]
+    for turn, (prompt, response) in enumerate(history):
+        for part, value in (("prompt", prompt), ("response", response)):
+            if not isinstance(value, str):  # str() would make None into the text "None"
+                where = f"{_where(entry, index)}: history turn {turn}"
+                raise DataError(f"{where}: the {part} must be text, got {type(value).__name__}", "bad history")
+        messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
     prompt = _text(entry, row, index, "prompt", required=False)
     query = _text(entry, row, index, "query", required=False)
     if not prompt and not query:
