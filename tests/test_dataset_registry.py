@@ -1054,3 +1054,23 @@ def test_preview_of_a_hub_entry_offline_says_it_needs_the_hub(tmp_path: Path):
     assert "dataset 'alpaca_en'" in result.stderr
     assert "hf_hub_url 'llamafactory/alpaca_en' needs the Hugging Face Hub" in result.stderr
     assert "offline" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "is a folder; dataset.registry names its dataset_info.json"),
+        (b'[{"file_name": "a.json"}]', "the top level must be an object of entries by name, not list"),
+        ('{"a": {"file_name": "caf\u00e9.json"}}'.encode("latin-1"), "not UTF-8 text (byte 24)"),
+        (b'{"a": {"file_name": "a.json"},}', "not valid JSON at line 1"),
+    ],
+)
+def test_a_registry_that_is_not_an_object_of_entries_is_named(tmp_path: Path, content: bytes | None, message: str):
+    registry = tmp_path / "dataset_info.json"
+    if content is None:
+        registry.mkdir()
+    else:
+        registry.write_bytes(content)
+    with pytest.raises(DataError) as error:
+        load_registry(registry)
+    assert str(error.value).startswith(f"{registry}: {message}")
