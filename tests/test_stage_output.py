@@ -85,3 +85,35 @@ def test_a_file_written_just_now_is_hashed_on_every_reuse(tmp_path: Path, monkey
     for _ in range(2):
         assert load_finished(tmp_path, "stage", "key") is not None
     assert sorted(hashed) == ["a.txt", "a.txt", "b.bin", "b.bin"]
+
+
+def test_other_weights_of_the_same_shape_change_the_base_models_key(tiny_model: Path, tmp_path: Path, monkeypatch):
+    """A local base is identified by its content, hashed once per file stamp."""
+    import shutil
+
+    from tasks.stages import materialize_model
+    from tasks.stages.materialize_model import local_content_digest, source_fingerprint
+
+    model, cache = tmp_path / "model", tmp_path / "stages" / "model" / "hashes.json"
+    shutil.copytree(tiny_model, model)
+    settled = time.time() - 60
+    for file in model.iterdir():
+        os.utime(file, (settled, settled))
+    first = local_content_digest(model, cache)
+
+    hashed = []
+    real_sha256 = materialize_model.sha256_file
+    monkeypatch.setattr(materialize_model, "sha256_file", lambda path: hashed.append(path.name) or real_sha256(path))
+    assert local_content_digest(model, cache) == first and hashed == [], "unchanged files are not hashed again"
+
+    # the same size and the same modification time, other weights: a new file put in place
+    weights = model / "model.safetensors"
+    listing = source_fingerprint(str(model))["files"]
+    data = bytearray(weights.read_bytes())
+    data[-64:] = bytes(255 - b for b in data[-64:])
+    (model / "new").write_bytes(bytes(data))
+    os.replace(model / "new", weights)
+    os.utime(weights, (settled, settled))
+    assert source_fingerprint(str(model))["files"] == listing, "names and sizes alone cannot tell them apart"
+    assert local_content_digest(model, cache) != first
+    assert hashed == ["model.safetensors"], "only the replaced file is hashed"

