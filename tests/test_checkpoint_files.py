@@ -55,3 +55,23 @@ def test_a_checkpoint_file_that_names_code_is_refused_without_running_it(tmp_pat
         read_checkpoint_file(checkpoint / "trainer_state.pt")
     assert f"delete {checkpoint}" in str(error.value)
     assert not marker.exists(), "the file's code did not run"
+
+
+def test_a_trl_resume_passes_over_a_checkpoint_cut_off_mid_save(tmp_path: Path):
+    from tasks.workers.trl import HISTORY, last_complete_checkpoint
+
+    def checkpoint(step: int, *files: str) -> Path:
+        directory = tmp_path / f"checkpoint-{step}"
+        directory.mkdir()
+        for name in ("model.safetensors", *files):
+            (directory / name).write_text("{}")
+        return directory
+
+    assert last_complete_checkpoint(tmp_path / "absent") is None
+    complete = checkpoint(2, "trainer_state.json", HISTORY)
+    checkpoint(4, "trainer_state.json")  # killed before this worker's loss history was written
+    checkpoint(6)  # killed while transformers wrote its files
+    (tmp_path / "checkpoint-8.tmp").mkdir()
+    assert last_complete_checkpoint(tmp_path) == complete
+    later = checkpoint(10, "trainer_state.json", HISTORY)
+    assert last_complete_checkpoint(tmp_path) == later, "by step number"

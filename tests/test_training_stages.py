@@ -350,16 +350,18 @@ def test_dpo_stage_killed_mid_training_resumes_from_trl_checkpoint(prefect_harne
         "evaluate": {"compare_base": False},
     }
     spec = tiny_spec(tiny_model, tmp_path / "workspace", changes)
-    monkeypatch.setenv("TUNEFACTORY_FAULT_KILL_AT_STEP", "4")  # the TRL worker SIGKILLs itself after step 4
+    # the TRL worker SIGKILLs itself while saving checkpoint-4: transformers' files are written,
+    # the worker's part is not, so checkpoint-4 is incomplete and the retry must resume from 2
+    monkeypatch.setenv("TUNEFACTORY_FAULT_KILL_IN_SAVE_AT_STEP", "4")
 
     result = finetune(spec)
 
     train = result["stages"]["train"]
-    assert train["info"]["resumed_from_step"] == 4
+    assert train["info"]["resumed_from_step"] == 2
     steps = int(train["metrics"]["steps"])
     assert steps == 6, "2 epochs of 11 pairs in batches of 4"
     client = MlflowClient(result["tracking"]["uri"])
-    assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
+    assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-2"
     history = [json.loads(line) for line in (Path(train["output_dir"]) / "loss_history.jsonl").read_text().splitlines()]
     assert [record["step"] for record in history] == list(range(1, steps + 1)), "one curve across the restart"
     trained_lora(Path(train["output_dir"]) / "adapter")

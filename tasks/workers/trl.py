@@ -15,13 +15,14 @@ Launched by the train task (tasks/stages/train.py) like tasks/workers/train.py, 
            surrogate (clip range epsilon, ppo_epochs passes per batch, KL penalty to the start
            policy) with the rm stage's reward model as the reward function
 
-Checkpoints are TRL's (`checkpoints/checkpoint-N`); a restarted attempt resumes from the newest.
+Checkpoints are TRL's (`checkpoints/checkpoint-N`); a restarted attempt resumes from the newest complete one.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -160,7 +161,27 @@ def pairwise_accuracy(model, tokenizer, pairs, device, batch_size: int = 8) -> f
     return wins / len(pairs)
 
 
-def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
+HISTORY = "loss_history.jsonl"  # written last into a checkpoint: its presence marks the save complete
+
+
+def last_complete_checkpoint(root: Path) -> Path | None:
+    """The newest `checkpoint-N` whose save finished, or None.
+
+    transformers writes a checkpoint in place (no rename at the end), trainer_state.json after
+    the weights, optimizer and RNG state; this worker's on_save then adds the loss history,
+    atomically. A worker killed during a save leaves a checkpoint without them, which a resume
+    must pass over (transformers' own get_last_checkpoint takes the highest N, whole or not).
+    """
+    if not root.is_dir():
+        return None
+    numbered = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        if (checkpoint / "trainer_state.json").is_file() and (checkpoint / HISTORY).is_file():
+            return checkpoint
+    return None
+
+
+def event_callback(history: list[dict[str, Any]], start: dict[str, Any], resumed: bool):
     """A transformers callback that turns the trainer's logs into the worker's events.
 
     The loss history so far is saved into each checkpoint, so a resumed run's curve is whole.
@@ -168,6 +189,8 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
     from transformers import TrainerCallback
 
     kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))
+    # fault injection: die inside the save of this step, before it is complete (first attempt only)
+    kill_in_save = 0 if resumed else int(os.environ.get("TUNEFACTORY_FAULT_KILL_IN_SAVE_AT_STEP", "0"))
 
     class Events(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -183,7 +206,10 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
 
         def on_save(self, args, state, control, **kwargs):
             saved = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_jsonl(saved / "loss_history.jsonl", history)
+            if kill_in_save and state.global_step == kill_in_save:
+                os.kill(os.getpid(), 9)
+            write_jsonl(saved / f"{HISTORY}.partial", history)
+            os.replace(saved / f"{HISTORY}.partial", saved / HISTORY)
             emit(Checkpointed(step=state.global_step))
             if kill_at and state.global_step == kill_at:  # fault injection: die right after this checkpoint
                 os.kill(os.getpid(), 9)
@@ -200,7 +226,6 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any]):
 def train(config: TrainJob) -> None:
     from datasets import load_from_disk
     from transformers import AutoTokenizer
-    from transformers.trainer_utils import get_last_checkpoint
 
     out = Path(config.output_dir)
     setup = compute_setup(config.compute_type)
@@ -222,13 +247,12 @@ def train(config: TrainJob) -> None:
     }
     history: list[dict[str, Any]] = []
     trainer = build_trainer(config, model, tokenizer, train_set, setup, out)
-    trainer.add_callback(event_callback(history, start))
-    checkpoint = get_last_checkpoint(str(out / CHECKPOINTS)) if (out / CHECKPOINTS).is_dir() else None
+    checkpoint = last_complete_checkpoint(out / CHECKPOINTS)
+    trainer.add_callback(event_callback(history, start, resumed=checkpoint is not None))
     if checkpoint:
-        emit(Resumed(step=int(checkpoint.rsplit("-", 1)[-1]), checkpoint=Path(checkpoint).name))
-        saved = Path(checkpoint) / "loss_history.jsonl"
-        history += read_jsonl(saved) if saved.is_file() else []
-    trainer.train(resume_from_checkpoint=checkpoint)
+        emit(Resumed(step=int(checkpoint.name.split("-")[1]), checkpoint=checkpoint.name))
+        history += read_jsonl(checkpoint / HISTORY)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
 
     trained = trainer.model
     weights = out / ("adapter" if method in ADAPTER_METHODS else "model")
