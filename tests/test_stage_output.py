@@ -91,7 +91,6 @@ def test_other_weights_of_the_same_shape_change_the_base_models_key(tiny_model: 
     """A local base is identified by its content, hashed once per file stamp."""
     import shutil
 
-    from tasks.stages import materialize_model
     from tasks.stages.materialize_model import local_content_digest, source_fingerprint
 
     model, cache = tmp_path / "model", tmp_path / "stages" / "model" / "hashes.json"
@@ -102,8 +101,8 @@ def test_other_weights_of_the_same_shape_change_the_base_models_key(tiny_model: 
     first = local_content_digest(model, cache)
 
     hashed = []
-    real_sha256 = materialize_model.sha256_file
-    monkeypatch.setattr(materialize_model, "sha256_file", lambda path: hashed.append(path.name) or real_sha256(path))
+    real_sha256 = stage_output.sha256_file
+    monkeypatch.setattr(stage_output, "sha256_file", lambda path: hashed.append(path.name) or real_sha256(path))
     assert local_content_digest(model, cache) == first and hashed == [], "unchanged files are not hashed again"
 
     # the same size and the same modification time, other weights: a new file put in place

@@ -17,6 +17,20 @@ from tasks.dataset.jsonl import write_jsonl
 CHECKPOINTS = "checkpoints"  # where both loops keep their checkpoints, inside the stage's output
 
 
+def newest_complete_checkpoint(root: Path, *last_written: str) -> Path | None:
+    """The newest `checkpoint-N` under `root` holding every file in `last_written`, or None.
+
+    Each loop names the files it writes last into a checkpoint; one without them was cut off
+    mid-save and is passed over (transformers' get_last_checkpoint takes the highest N, whole or not).
+    """
+    found = [
+        path
+        for path in (root.glob("checkpoint-*") if root.is_dir() else [])
+        if path.is_dir() and path.name.split("-")[-1].isdigit() and all((path / f).is_file() for f in last_written)
+    ]
+    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
 def read_checkpoint_file(path: Path):
     """A `.pt` file of a checkpoint: tensors and plain values only.
 

@@ -133,10 +133,36 @@ def file_stamp(path: Path) -> list[int]:
     return [status.st_size, status.st_mtime_ns, status.st_ino]
 
 
+def hashes_by_stamp(files: dict[str, Path], cache: Path) -> dict[str, str]:
+    """The sha256 of each file, by name; a file whose stamp is the one `cache` remembers is not read.
+
+    Hashes of settled files are remembered for next time (written atomically; a read-only place
+    is hashed every time, nothing worse). A missing file raises FileNotFoundError.
+    """
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    hashes, remembered = {}, {}
+    for name, file in files.items():
+        stamp, entry = file_stamp(file), known.get(name)
+        sha = entry["sha256"] if isinstance(entry, dict) and entry.get("stamp") == stamp else sha256_file(file)
+        hashes[name] = sha
+        if time.time_ns() - stamp[1] > SETTLED_NS:
+            remembered[name] = {"stamp": stamp, "sha256": sha}
+    if any(known.get(name) != entry for name, entry in remembered.items()):
+        with contextlib.suppress(OSError):
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(f"{cache.name}.{os.getpid()}")
+            partial.write_text(json.dumps({**known, **remembered}))
+            os.replace(partial, cache)
+    return hashes
+
+
 def load_finished(workspace: Path, stage: str, key: str) -> Manifest | None:
     """The manifest of a finished output whose files all match their hashes, else None.
 
-    A file whose stamp is the one recorded when its hash last matched is not hashed again.
+    A file whose stamp is the one recorded when it was last hashed is not hashed again.
     """
     directory = stage_dir(workspace, stage, key)
     try:
@@ -144,24 +170,11 @@ def load_finished(workspace: Path, stage: str, key: str) -> Manifest | None:
     except (OSError, ValueError):
         return None
     try:
-        known = json.loads((directory / VERIFIED).read_text())
-    except (OSError, ValueError):
-        known = {}
-    verified = {}
-    for relative, expected in manifest.files.items():
-        file = directory / relative
-        if not file.is_file():
-            return None
-        stamp = file_stamp(file)
-        if known.get(relative) != stamp and sha256_file(file) != expected:
-            return None
-        if time.time_ns() - stamp[1] > SETTLED_NS:
-            verified[relative] = stamp
-    if verified != known:
-        with contextlib.suppress(OSError):  # a read-only workspace is hashed every time, nothing worse
-            partial = directory / f"{VERIFIED}.{os.getpid()}"
-            partial.write_text(json.dumps(verified))
-            os.replace(partial, directory / VERIFIED)
+        found = hashes_by_stamp({name: directory / name for name in manifest.files}, directory / VERIFIED)
+    except OSError:  # a file of the output is gone
+        return None
+    if found != manifest.files:
+        return None
     return manifest.model_copy(update={"output_dir": str(directory)})
 
 

@@ -7,12 +7,10 @@ Hugging Face cache (the only stage that may touch the network, and only when ask
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
-import time
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -21,12 +19,11 @@ from tasks.contracts.child_process import run_worker
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
 from tasks.runtime.stage_output import (
-    SETTLED_NS,
     Manifest,
     StageContext,
     StageResult,
     code_version,
-    file_stamp,
+    hashes_by_stamp,
     run_stage,
     sha256_file,
 )
@@ -99,27 +96,13 @@ def local_content_digest(directory: Path, cache: Path) -> str:
     """The content of every file of a local model directory, for the cache key.
 
     Names and sizes alone would let other weights of the same shape reuse every stage (and leave
-    the old digest in lineage). Each file is hashed once per stamp: `cache` remembers the hash
-    of a file whose size, modification time and inode have not changed since.
+    the old digest in lineage). Each file is hashed once per stamp (`hashes_by_stamp`).
     """
-    try:
-        known = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        known = {}
-    digest, remembered = hashlib.sha256(), {}
-    for path in sorted(p for p in directory.iterdir() if p.is_file()):
-        key, stamp = str(path.resolve()), file_stamp(path)
-        entry = known.get(key)
-        sha = entry["sha256"] if entry and entry.get("stamp") == stamp else sha256_file(path)
-        if time.time_ns() - stamp[1] > SETTLED_NS:  # a file still being written is hashed again next time
-            remembered[key] = {"stamp": stamp, "sha256": sha}
-        digest.update(f"{path.name}:{sha}\n".encode())
-    if {k: v for k, v in known.items() if k in remembered} != remembered:
-        with contextlib.suppress(OSError):  # a read-only workspace hashes every time, nothing worse
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}")
-            partial.write_text(json.dumps({**known, **remembered}))
-            os.replace(partial, cache)
+    files = {str(p.resolve()): p for p in sorted(directory.iterdir()) if p.is_file()}
+    hashes = hashes_by_stamp(files, cache)
+    digest = hashlib.sha256()
+    for key, path in files.items():
+        digest.update(f"{path.name}:{hashes[key]}\n".encode())
     return digest.hexdigest()
 
 

@@ -38,7 +38,12 @@ from tasks.components.distributed_engines import (
 from tasks.components.finetuning_methods import trainable_model
 from tasks.components.modeling import attention_implementation, causal_lm, compute_setup
 from tasks.components.packing import packed_batch, padded_batch
-from tasks.components.training_outputs import CHECKPOINTS, finish_training, read_checkpoint_file
+from tasks.components.training_outputs import (
+    CHECKPOINTS,
+    finish_training,
+    newest_complete_checkpoint,
+    read_checkpoint_file,
+)
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.spec_sections import ADAPTER_METHODS
 from tasks.contracts.stage_infos import RankSummary
@@ -96,13 +101,8 @@ def make_scheduler(config: TrainJob, optimizer: torch.optim.Optimizer, total_ste
 
 
 def newest_checkpoint(output: Path) -> Path | None:
-    """The newest checkpoint that was written completely (it has its state file)."""
-    found = [
-        path
-        for path in (output / CHECKPOINTS).glob("checkpoint-*")
-        if path.is_dir() and (path / "trainer_state.pt").is_file() and path.name.split("-")[-1].isdigit()
-    ]
-    return max(found, key=lambda p: int(p.name.split("-")[-1]), default=None)
+    """The newest checkpoint that was written completely (its state file is written last)."""
+    return newest_complete_checkpoint(output / CHECKPOINTS, "trainer_state.pt")
 
 
 def save_checkpoint(

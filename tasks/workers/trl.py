@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ import torch
 
 from tasks.components.finetuning_methods import trainable_model
 from tasks.components.modeling import compute_setup, load_model
-from tasks.components.training_outputs import CHECKPOINTS, finish_training
+from tasks.components.training_outputs import CHECKPOINTS, finish_training, newest_complete_checkpoint
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.spec_sections import ADAPTER_METHODS
 from tasks.contracts.worker_configs import TrainJob
@@ -165,20 +164,13 @@ HISTORY = "loss_history.jsonl"  # written last into a checkpoint: its presence m
 
 
 def last_complete_checkpoint(root: Path) -> Path | None:
-    """The newest `checkpoint-N` whose save finished, or None.
+    """The newest checkpoint whose save finished.
 
     transformers writes a checkpoint in place (no rename at the end), trainer_state.json after
     the weights, optimizer and RNG state; this worker's on_save then adds the loss history,
-    atomically. A worker killed during a save leaves a checkpoint without them, which a resume
-    must pass over (transformers' own get_last_checkpoint takes the highest N, whole or not).
+    atomically. A worker killed during a save leaves a checkpoint without them.
     """
-    if not root.is_dir():
-        return None
-    numbered = [p for p in root.iterdir() if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
-    for checkpoint in sorted(numbered, key=lambda p: int(p.name.split("-")[1]), reverse=True):
-        if (checkpoint / "trainer_state.json").is_file() and (checkpoint / HISTORY).is_file():
-            return checkpoint
-    return None
+    return newest_complete_checkpoint(root, "trainer_state.json", HISTORY)
 
 
 def event_callback(history: list[dict[str, Any]], start: dict[str, Any], resumed: bool):
