@@ -33,11 +33,13 @@ chromium:
 demo: install
 	$(VENV)/bin/tunefactory run $(SPEC)
 
+# -n auto: one test process per core (pytest-xdist), each pinned to its core (tests/conftest.py);
+# --dist loadfile keeps a file's tests, and the pipelines its fixtures share, in one process
 test: install chromium
-	$(VENV)/bin/pytest -m "not gpu" -v --durations=15
+	$(VENV)/bin/pytest -m "not gpu" -v --durations=15 -n auto --dist loadfile
 
 test-fast: install
-	$(VENV)/bin/pytest -m "not gpu and not slow"
+	$(VENV)/bin/pytest -m "not gpu and not slow" -n auto --dist loadfile
 
 # tunefactory's train stage against TRL's SFTTrainer at its defaults (tasks/tools/bench_train.py): the CPU case
 # (about 21 minutes on 2 cores), or the two GPU cases where CUDA is present

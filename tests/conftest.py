@@ -145,3 +145,11 @@ def tiny_spec(tiny_model: Path, workspace: Path, changes: dict | None = None):
         changes or {},
     )
     return validate_spec(spec)
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n 2`), each test process and everything it launches keeps to one core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})

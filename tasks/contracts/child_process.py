@@ -175,6 +175,17 @@ def _run(
     return events
 
 
+def hide_bitsandbytes() -> None:
+    """Make `import bitsandbytes` fail in this process, as if it were not installed.
+
+    peft imports bitsandbytes whenever it is installed, and bitsandbytes' import sets up its
+    kernels through torch.compile: about 2.5 s on 2 cores, paid by every process that loads an
+    adapter. Only a qlora training stage quantizes, so every other worker goes without it; peft
+    and transformers read the missing module as "not installed" and use plain layers.
+    """
+    sys.modules.setdefault("bitsandbytes", None)
+
+
 def worker_entry(main: Callable[[Any], None], config_type: object) -> None:
     """`if __name__ == "__main__": worker_entry(main, ItsConfig)` in a worker module.
 
@@ -191,6 +202,8 @@ def worker_entry(main: Callable[[Any], None], config_type: object) -> None:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
         emit(Failed(message=f"{path}: not the config this worker reads ({problems})"))
         sys.exit(2)
+    if getattr(config, "finetuning_type", None) != "qlora":
+        hide_bitsandbytes()
     try:
         main(config)
     except WorkerError as exc:
