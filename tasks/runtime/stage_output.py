@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -78,20 +77,6 @@ def tree_digest(root: Path, names: list[str]) -> str:
             if file.is_file():
                 digest.update(f"{file.relative_to(root)}:{sha256_file(file)}\n".encode())
     return digest.hexdigest()
-
-
-def code_version(*modules: str) -> str:
-    """Hash of the source of the modules that compute a stage: editing them invalidates its cache.
-
-    Modules are named as imported (`tasks.workers.train`) and found without importing them,
-    so the flow process can name a worker's modules without loading torch.
-    """
-    digest = hashlib.sha256()
-    for name in modules:
-        spec = importlib.util.find_spec(name)
-        assert spec is not None and spec.origin, f"no source for module {name}"
-        digest.update(Path(spec.origin).read_bytes())
-    return digest.hexdigest()[:12]
 
 
 def cache_key(stage: str, config: dict[str, Any], upstream: list[Manifest], version: str) -> str:

@@ -21,8 +21,9 @@ from tasks.contracts.worker_events import Evaluated, ScoredAnswer, Scores, Worke
 from tasks.dataset.registry import DataError, resolve_eval_set
 from tasks.dataset.rows import fill_placeholders
 from tasks.dataset.sources import load_source, source_record
+from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import publish_evaluation
-from tasks.runtime.stage_output import Manifest, StageContext, StageResult, code_version, run_stage
+from tasks.runtime.stage_output import Manifest, StageContext, StageResult, run_stage
 from tasks.runtime.tracking import StageRun
 from tasks.stages.materialize_model import base_model_path
 
@@ -156,7 +157,7 @@ def evaluate_model(
         "evaluate",
         key_config,
         [trained, tokenized, base_model],
-        code_version(__name__, "tasks.workers.evaluate", "tasks.components.scoring", "tasks.components.modeling"),
+        code_version(__name__, ("tasks.workers.evaluate",), ("torch", "transformers", "tokenizers", "peft")),
         ctx,
         lambda out, run: _build(EvaluateJob(**job, output_dir=str(out)), out, run),
     )

@@ -18,9 +18,10 @@ from tasks.contracts.spec_sections import ExportSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ExportInfo, ModelInfo, TemplateInfo, TrainInfo
 from tasks.contracts.worker_configs import ExportJob
 from tasks.contracts.worker_events import ExportChecked
+from tasks.runtime.code_version import code_version
 from tasks.runtime.model_registry import register_model
 from tasks.runtime.prefect_artifacts import publish_export_summary
-from tasks.runtime.stage_output import Manifest, StageContext, StageResult, code_version, point_link, run_stage
+from tasks.runtime.stage_output import Manifest, StageContext, StageResult, point_link, run_stage
 from tasks.runtime.tracking import StageRun
 from tasks.stages.materialize_model import base_model_path
 
@@ -107,7 +108,7 @@ def merge_and_export(
         "export",
         {**config.model_dump(mode="json"), "name": name},
         [trained, base_model],
-        code_version(__name__, "tasks.workers.export"),
+        code_version(__name__, ("tasks.workers.export",), ("torch", "transformers", "peft", "safetensors")),
         ctx,
         lambda out, run: _build(config, ExportJob(**job, output_dir=str(out)), name, lineage, eval_metrics, out, run),
     )

@@ -18,11 +18,11 @@ from prefect import get_run_logger, task
 from tasks.contracts.child_process import run_worker
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
+from tasks.runtime.code_version import code_version
 from tasks.runtime.stage_output import (
     Manifest,
     StageContext,
     StageResult,
-    code_version,
     hashes_by_stamp,
     run_stage,
     sha256_file,
@@ -196,7 +196,7 @@ def materialize_base_model(
         "model",
         config,
         [],
-        code_version(__name__, "tasks.workers.gguf"),
+        code_version(__name__, ("tasks.workers.gguf",), ("transformers", "gguf", "torch")),
         ctx,
         lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, chat_template, out, run),
     )

@@ -27,12 +27,12 @@ from tasks.contracts.worker_events import Templated
 from tasks.dataset.registry import DataError, resolve_dataset
 from tasks.dataset.rows import check_kind, templated_example
 from tasks.dataset.sources import ROW_COLUMN, load_source, sample_rows, source_record
+from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import publish_preview
 from tasks.runtime.stage_output import (
     Manifest,
     StageContext,
     StageResult,
-    code_version,
     published_dir,
     run_stage,
     stage_id,
@@ -41,13 +41,6 @@ from tasks.runtime.stage_output import (
 )
 from tasks.runtime.tracking import StageRun
 
-WORKER_MODULES = (
-    "tasks.workers.data",
-    "tasks.dataset.registry",
-    "tasks.dataset.rows",
-    "tasks.dataset.sources",
-    "tasks.components.chat_encoding",
-)
 PEEK_ROWS = 200
 
 
@@ -199,7 +192,7 @@ def template_dataset(
         stage_id("template", for_stage),
         key_config,
         [],
-        code_version(__name__, *WORKER_MODULES),
+        code_version(__name__, ("tasks.workers.data",), ("datasets", "pyarrow")),
         ctx,
         lambda out, run: _build(config, kind, num_proc or default_num_proc(), ctx.workspace, out, run),
     )

@@ -18,12 +18,12 @@ from tasks.contracts.spec_sections import TokenizeSpec
 from tasks.contracts.stage_infos import ModelInfo, TemplateInfo, TokenizeInfo
 from tasks.contracts.worker_configs import TokenizeJob
 from tasks.contracts.worker_events import Tokenized
+from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import publish_token_stats
 from tasks.runtime.stage_output import (
     Manifest,
     StageContext,
     StageResult,
-    code_version,
     published_dir,
     run_stage,
     stage_id,
@@ -31,7 +31,10 @@ from tasks.runtime.stage_output import (
     tree_digest,
 )
 from tasks.runtime.tracking import StageRun
-from tasks.stages.template_dataset import WORKER_MODULES, default_num_proc, scratch_dir
+from tasks.stages.template_dataset import default_num_proc, scratch_dir
+
+# what turns templated text into token ids
+TOKENIZING_LIBRARIES = ("transformers", "tokenizers", "jinja2", "datasets", "pyarrow")
 
 # settings that change how fast the stage runs, not what it writes
 NOT_IN_KEY = {"num_proc"}
@@ -82,7 +85,7 @@ def tokenize_dataset(
         stage_id("tokenize", for_stage),
         {**config.model_dump(mode="json", exclude=NOT_IN_KEY), "kind": kind},
         [templated, base_model],
-        code_version(__name__, *WORKER_MODULES),
+        code_version(__name__, ("tasks.workers.data",), TOKENIZING_LIBRARIES),
         ctx,
         lambda out, run: _build(config, kind, templated.path, base_model, ctx.workspace, out, run),
     )

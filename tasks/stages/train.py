@@ -12,6 +12,7 @@ on it in order (earlier stages' adapters are merged in, the last is this stage's
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -24,12 +25,13 @@ from tasks.contracts.stage_infos import ModelInfo, TokenizeInfo, TrainInfo
 from tasks.contracts.worker_configs import TrainJob, Weights
 from tasks.contracts.worker_events import Resumed, StepLogged, TrainingDone, TrainingStarted, WorkerEvent
 from tasks.dataset.jsonl import read_jsonl
+from tasks.runtime.background_logging import BackgroundLog, TrackingUnavailable
+from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import TrainingProgress, publish_loss_curve
 from tasks.runtime.stage_output import (
     Manifest,
     StageContext,
     StageResult,
-    code_version,
     point_link,
     published_dir,
     run_stage,
@@ -78,6 +80,8 @@ class TrainingEvents:
 
     def __init__(self, run: StageRun) -> None:
         self.run, self.logger, self.progress = run, get_run_logger(), TrainingProgress()
+        # a stopped or locked MLflow must not stop training: what is logged goes out from a thread
+        self.tracked = BackgroundLog(run, self.logger.warning)
         self.started: TrainingStarted | None = None
         self.resumed_from: Resumed | None = None
 
@@ -93,7 +97,7 @@ class TrainingEvents:
                 self.logger.debug("%s", event)
 
     def log(self, event: StepLogged) -> None:
-        self.run.log_metrics(event.metrics, step=event.step)
+        self.tracked.metrics(event.metrics, step=event.step)
         self.progress.update(event.step, event.metrics["loss"])
         self.logger.info("step %d: %s", event.step, ", ".join(f"{k} {v:.4g}" for k, v in event.metrics.items()))
 
@@ -102,7 +106,7 @@ class TrainingEvents:
         self.progress.start(event.total_steps, event.first_step)
         # what "auto" (None) became on this machine, next to the spec's own setting
         resolved = event.model_dump(include={"attention", "packing", "torch_compile"}, exclude_none=True)
-        self.run.log_params(
+        self.tracked.params(
             {
                 "trainable_params": event.trainable_params,
                 "total_params": event.total_params,
@@ -122,7 +126,7 @@ class TrainingEvents:
 
     def resume(self, event: Resumed) -> None:
         self.resumed_from = event
-        self.run.set_tags({"resumed_from": event.checkpoint})
+        self.tracked.tags({"resumed_from": event.checkpoint})
         self.logger.info("resuming from %s", event.checkpoint)
 
 
@@ -147,7 +151,13 @@ def _launch(config: TrainSpec, worker: TrainJob, out: Path, events: TrainingEven
 def _build(config: TrainSpec, worker: TrainJob, out: Path, run: StageRun, workspace: Path) -> StageResult:
     events = TrainingEvents(run)
     started = time.time()
-    done = _launch(config, worker, out, events, workspace)
+    try:
+        done = _launch(config, worker, out, events, workspace)
+    except BaseException:
+        with contextlib.suppress(TrackingUnavailable):  # the worker's own error is the one to show
+            events.tracked.close(wait_s=10)
+        raise
+    events.tracked.close()
     run.log_artifact(out / "loss_curve.png")
     publish_loss_curve(out / "loss_curve.png", read_jsonl(out / "loss_history.jsonl"))
     metrics = {
@@ -200,13 +210,9 @@ def train_model(
 ) -> Manifest:
     """Train the stage from `start` (default: the base model); what it made is in info.weights."""
     upstream = [m for m in (tokenized, base_model, start, reward) if m is not None]
-    sources = (
-        "tasks.workers.train",
-        "tasks.workers.trl",
-        "tasks.components.finetuning_methods",
-        "tasks.components.modeling",
-        "tasks.components.distributed_engines",
-    )
+    libraries = ("torch", "transformers", "peft", "trl", "accelerate")
+    if config.distributed == "deepspeed":
+        libraries += ("deepspeed",)
     # what DeepSpeed's file says shapes the training as much as the spec does
     settings = config.model_dump(mode="json", exclude=BOOKKEEPING)
     if config.distributed == "deepspeed":
@@ -215,7 +221,7 @@ def train_model(
         stage_id("train", for_stage),
         settings,
         upstream,
-        code_version(__name__, *sources),
+        code_version(__name__, ("tasks.workers.train", "tasks.workers.trl"), libraries),
         ctx,
         lambda out, run: _build(
             config, worker_config(config, base_model, tokenized, start, reward, out), out, run, ctx.workspace
