@@ -359,7 +359,15 @@ def command_ui(args: argparse.Namespace) -> int:
     workspace = Path(args.workspace)
     if args.action == "stop":
         stopped = local_servers.stop(workspace)
-        print("tunefactory: stopped the Prefect and MLflow servers" if stopped else "tunefactory: no servers recorded")
+        if stopped is None:
+            print("tunefactory: no servers recorded")
+        elif stopped:
+            print(f"tunefactory: stopped the {' and '.join(stopped)} server{'s' * (len(stopped) > 1)}")
+        else:
+            print(
+                "tunefactory: the recorded servers are no longer running (or their process ids are someone "
+                "else's now): nothing was signalled, and the record is removed"
+            )
         return 0
     try:
         servers = local_servers.start(workspace, args.prefect_port, args.mlflow_port)

@@ -5,6 +5,11 @@ Both keep their databases and logs in the workspace. While they answer, runs of 
 workspace report to them; when they are stopped (or never started) runs fall back to
 Prefect's local history and the workspace's SQLite file, so nothing depends on a service
 that nothing started. `workspace/servers.json` records what was started, for `make ui-stop`.
+
+A server is taken for this workspace's only while the process recorded for it is the one that
+was started: same boot, same start time (a process id alone is reused after a reboot or once
+the process is gone). So another workspace's servers answering on the same ports are never
+reported to, and `ui stop` never signals a process it did not start.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import time
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, ValidationError
 
 from tasks.contracts.child_process import die_with_parent
 
@@ -32,6 +37,9 @@ class Servers(BaseModel):
     prefect_url: str  # the UI; the API is under /api
     mlflow_url: str
     pids: dict[str, int]
+    # each process's identity when it was started (process_identity); a record without one is
+    # from an older tunefactory and is not trusted
+    identities: dict[str, str | None] = Field(default_factory=dict)
 
     @property
     def prefect_api_url(self) -> str:
@@ -53,17 +61,74 @@ def _healthy(servers: Servers) -> bool:
     return _answers(f"{servers.prefect_api_url}/health") and _answers(f"{servers.mlflow_url}/health")
 
 
+def process_identity(pid: int) -> str | None:
+    """'<boot id>/<start time>' of a live process on Linux, which no later process shares; None
+    where /proc cannot tell (the process is gone, or another system)."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name in parentheses may hold spaces; field 22 (start time) is the 20th after it
+    return f"{boot}/{stat.rsplit(')', 1)[1].split()[19]}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive, and not ours
+        return True
+    return True
+
+
+def is_ours(servers: Servers, name: str) -> bool:
+    """Whether the process recorded for server `name` is still the one that was started."""
+    pid, started = servers.pids.get(name), servers.identities.get(name, "unrecorded")
+    if pid is None or started == "unrecorded" or not _alive(pid):
+        return False
+    return process_identity(pid) == started
+
+
 def recorded(workspace: Path) -> Servers | None:
     record = Path(workspace) / RECORD
     if not record.exists():
         return None
-    return Servers.model_validate_json(record.read_text())
+    try:
+        return Servers.model_validate_json(record.read_bytes())
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        where = ".".join(map(str, problem["loc"])) or "the file"
+        raise ServerError(
+            f"{record}: not a record of this workspace's servers ({where}: {problem['msg']}); "
+            "if no `tunefactory ui` of this workspace is running, delete the file"
+        ) from None
+
+
+def _write_record(workspace: Path, servers: Servers) -> None:
+    record = Path(workspace) / RECORD
+    partial = record.with_name(RECORD + ".partial")
+    partial.write_text(servers.model_dump_json(indent=2))
+    os.replace(partial, record)  # never half a record, even if `ui start` is killed while writing
 
 
 def running(workspace: Path) -> Servers | None:
-    """The workspace's servers if they were started and both answer now."""
+    """The workspace's servers if this workspace started them, they still run, and both answer now."""
     servers = recorded(workspace)
-    return servers if servers is not None and _healthy(servers) else None
+    if servers is None or not all(is_ours(servers, name) for name in ("prefect", "mlflow")):
+        return None
+    return servers if _healthy(servers) else None
+
+
+def _port_taken(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed socket's TIME_WAIT is not "taken"
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
 
 
 def _launch(command: list[str], log: Path, env: dict[str, str]) -> int:
@@ -97,6 +162,12 @@ def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) ->
     logs.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     host = "127.0.0.1"
+    for name, port, option in (("Prefect", prefect_port, "--prefect-port"), ("MLflow", mlflow_port, "--mlflow-port")):
+        if _port_taken(host, port):
+            raise ServerError(
+                f"port {port} on {host}, for the {name} server, is in use by a program this workspace did not start "
+                f"(another workspace's servers?): stop it, or choose a free port with {option}"
+            )
     prefect_env = {
         **env,
         "PREFECT_HOME": str(workspace / "prefect"),
@@ -119,15 +190,17 @@ def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) ->
         "--workers",
         "1",
     ]
+    pids = {
+        "prefect": _launch(prefect_cmd, logs / "prefect-server.log", prefect_env),
+        "mlflow": _launch(mlflow_cmd, logs / "mlflow-server.log", {**env, "MLFLOW_DISABLE_TELEMETRY": "true"}),
+    }
     servers = Servers(
         prefect_url=f"http://{host}:{prefect_port}",
         mlflow_url=f"http://{host}:{mlflow_port}",
-        pids={
-            "prefect": _launch(prefect_cmd, logs / "prefect-server.log", prefect_env),
-            "mlflow": _launch(mlflow_cmd, logs / "mlflow-server.log", {**env, "MLFLOW_DISABLE_TELEMETRY": "true"}),
-        },
+        pids=pids,
+        identities={name: process_identity(pid) for name, pid in pids.items()},
     )
-    (workspace / RECORD).write_text(servers.model_dump_json(indent=2))
+    _write_record(workspace, servers)
     try:
         _wait_until_up(
             "Prefect", f"{servers.prefect_api_url}/health", logs / "prefect-server.log", servers.pids["prefect"]
@@ -155,15 +228,18 @@ def _stop_group(pid: int, timeout: float = 30) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def stop(workspace: Path) -> Servers | None:
-    """Stop the recorded servers and their children; returns what was stopped."""
+def stop(workspace: Path) -> list[str] | None:
+    """Stop the recorded servers that this workspace started, and their children: the names of
+    those stopped (a recorded process that is gone, or is now another, is left alone), or None
+    without a record."""
     servers = recorded(workspace)
     if servers is None:
         return None
-    for pid in servers.pids.values():
-        _stop_group(pid)
+    stopped = [name for name in servers.pids if is_ours(servers, name)]
+    for name in stopped:
+        _stop_group(servers.pids[name])
     (Path(workspace) / RECORD).unlink(missing_ok=True)
-    return servers
+    return stopped
 
 
 class TemporaryPrefectServer:
