@@ -85,6 +85,20 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
+def die_with_launcher() -> None:
+    """In a rank torchrun started: SIGKILL it when torchrun dies, or exit now if torchrun is gone.
+
+    torchrun starts each rank in a session of its own, so neither the signal that stops the
+    launcher's process group nor the kill that `die_with_parent` sends torchrun when the flow
+    process dies reaches the ranks: without this they keep training, on the GPU and into the
+    stage's `.partial` output, after the stage is gone.
+    """
+    launcher = os.getppid()
+    die_with_parent()
+    if launcher == 1 or os.getppid() != launcher:  # torchrun died before the request took effect
+        os._exit(1)
+
+
 def _stop(process: subprocess.Popen[str]) -> None:
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         if process.poll() is not None:
@@ -195,6 +209,8 @@ def worker_entry(main: Callable[[Any], None], config_type: object) -> None:
     A WorkerError becomes an error event (a message for the user, exit code 2); anything
     else is a bug and keeps its traceback on stderr.
     """
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank that torchrun started
+        die_with_launcher()
     path = Path(sys.argv[1])
     try:
         config = TypeAdapter(config_type).validate_json(path.read_bytes())
