@@ -153,3 +153,21 @@ def pytest_configure(config):
     if worker and hasattr(os, "sched_setaffinity"):
         cores = sorted(os.sched_getaffinity(0))
         os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+
+
+# The longest files (minutes each, docs/tests.md), started first: pytest-xdist hands out whole
+# files in collection order, so one of these left for last would keep one process busy alone
+LONGEST_FIRST = [
+    "test_demo_e2e.py",
+    "test_resume_and_retry.py",
+    "test_distributed_training.py",
+    "test_training_stages.py",
+    "test_schedule.py",
+    "test_sweep_compare_lineage.py",
+    "test_llamafactory_pipeline.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from flows.pipeline import finetune
+from tasks.workers.export import FAULT_MERGE_TWICE
 
 STAGES = ["model", "template", "tokenize", "train", "evaluate", "export"]
 
@@ -45,7 +46,7 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
         assert (row["prompt"], row["tuned_answer"], row["base_answer"]) == (after["prompt"], after["answer"],
                                                                             before["answer"])  # fmt: skip
         assert row["tuned_ok"] == (after["identity"] if row["set"] == "identity" else after["correct"])
-    assert stages["export"]["metrics"]["merged_logits_max_diff"] <= spec.export.logits_atol
+    assert stages["export"]["metrics"]["merged_logits_rel_diff"] <= spec.export.logits_rtol
     model_dir = Path(stages["export"]["output_dir"]) / "model"
     assert len(list(model_dir.glob("model-*.safetensors"))) >= 2, "max_shard_size 2MB gives several shards"
     card = (model_dir / "README.md").read_text()
@@ -118,3 +119,16 @@ def test_rerun_reuses_every_stage_and_eval_change_reruns_only_evaluation(first_r
     third = finetune(changed)
     ran = [name for name, m in third["stages"].items() if not m["reused"]]
     assert ran == ["evaluate"]
+
+
+def test_a_wrong_merge_is_caught_and_nothing_is_exported(first_run, monkeypatch: pytest.MonkeyPatch):
+    spec, first = first_run
+    changed = spec.model_copy(deep=True)
+    changed.export.max_shard_size = "1MB"  # the export runs again; every stage before it is reused
+    monkeypatch.setenv(FAULT_MERGE_TWICE, "1")  # the merge applies one module's LoRA change twice
+    with pytest.raises(Exception, match=r"of the largest logit .* this merge is wrong, and nothing was exported"):
+        finetune(changed)
+    exported = Path(first["stages"]["export"]["output_dir"])
+    assert [p for p in exported.parent.iterdir() if (p / "manifest.json").is_file()] == [exported]
+    models = Path(spec.workspace) / "models" / spec.name
+    assert models.resolve() == (exported / "model").resolve()

@@ -145,6 +145,7 @@ def test_a_key_twice_and_a_spec_not_in_utf8_are_refused_naming_the_file(tmp_path
         ({"alias": "best model"}, "export.alias: 'best model' must be letters, digits"),
         ({"registered_model_name": "team/bot"}, "export.registered_model_name: 'team/bot' must be a non-empty name"),
         ({"registered_model_name": "bot's"}, "without '/', ':' or quotes"),
+        ({"logits_atol": 1e-3}, "logits_atol is replaced by logits_rtol, a share of the largest logit"),
     ],
 )
 def test_registry_names_and_aliases_mlflow_refuses_are_refused_with_the_spec(export: dict, expected: str):

@@ -67,7 +67,7 @@ class ExportJob(WorkerConfig):
     weights: Weights
     trust_remote_code: bool
     max_shard_size: str
-    logits_atol: float
+    logits_rtol: float
     output_dir: str
 
 

@@ -120,8 +120,11 @@ class Evaluated(Event):
 
 class ExportChecked(Event):
     type: Literal["checked"] = "checked"
-    merged_logits_max_diff: float
+    merged_logits_max_diff: float  # the largest difference of one logit from the adapter model's
+    merged_logits_rel_diff: float  # that difference as a share of the largest logit (what is checked)
     reloaded_logits_max_diff: float
+    reloaded_logits_rel_diff: float
+    logits_scale: float  # the largest |logit| of the adapter model on the check prompts
     shards: int
 
 

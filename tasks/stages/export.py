@@ -98,7 +98,7 @@ def merge_and_export(
     }
     # the worker's config; its output directory is the stage's, known once the stage runs
     job = dict(
-        **config.model_dump(include={"max_shard_size", "logits_atol"}),
+        **config.model_dump(include={"max_shard_size", "logits_rtol"}),
         model_path=str(base_model_path(base_model)),
         weights=train.weights,
         trust_remote_code=base.trust_remote_code,

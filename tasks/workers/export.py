@@ -8,15 +8,18 @@ tokenizer and generation config, then reloads the saved files and checks the log
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
+from tasks.components.merge_check import first_lora_delta, logits_gap
 from tasks.components.modeling import load_model
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.worker_configs import ExportJob
 from tasks.contracts.worker_events import ExportChecked
 
+FAULT_MERGE_TWICE = "TUNEFACTORY_FAULT_MERGE_ONE_MODULE_TWICE"  # tests only: a wrong merge the check must catch
 CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
 
 
@@ -41,13 +44,18 @@ def export(job: ExportJob) -> None:
     weights = job.weights
     model = load_model(weights.model_dir, weights.adapters, trust_remote_code=remote_code).eval()
     reference = logits_for(model, batch)  # with the last adapter still separate
+    wrong = first_lora_delta(model) if weights.adapters and os.environ.get(FAULT_MERGE_TWICE) else None
     if weights.adapters:
         model = model.merge_and_unload()
-    merged_diff = (logits_for(model, batch) - reference).abs().max().item()
-    if merged_diff > job.logits_atol:
+    if wrong is not None:  # the fault test's merge bug: one module's change applied a second time
+        with torch.no_grad():
+            wrong[0].weight += wrong[1]
+    merged = logits_gap(reference, logits_for(model, batch))
+    if merged.relative > job.logits_rtol:
         raise WorkerError(
-            f"merged logits differ from the adapter model's by {merged_diff:.2e} "
-            f"(export.logits_atol is {job.logits_atol:.0e})"
+            f"the merged model's logits differ from the adapter model's by {merged.absolute:.2e}, "
+            f"{merged.relative:.1e} of the largest logit ({merged.scale:.3g}); export.logits_rtol is "
+            f"{job.logits_rtol:.0e}. Rounding stays near 1e-5 of it: this merge is wrong, and nothing was exported"
         )
     model.generation_config = GenerationConfig.from_pretrained(job.model_path)
     model.save_pretrained(out, safe_serialization=True, max_shard_size=job.max_shard_size)
@@ -56,11 +64,23 @@ def export(job: ExportJob) -> None:
     del model
 
     reloaded = load_model(out, trust_remote_code=remote_code).eval()
-    reload_diff = (logits_for(reloaded, batch) - reference).abs().max().item()
-    if reload_diff > job.logits_atol:
-        raise WorkerError(f"the saved model's logits differ from the adapter model's by {reload_diff:.2e}")
+    reloaded_gap = logits_gap(reference, logits_for(reloaded, batch))
+    if reloaded_gap.relative > job.logits_rtol:
+        raise WorkerError(
+            f"the saved model's logits differ from the adapter model's by {reloaded_gap.absolute:.2e}, "
+            f"{reloaded_gap.relative:.1e} of the largest logit; export.logits_rtol is {job.logits_rtol:.0e}"
+        )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    emit(ExportChecked(merged_logits_max_diff=merged_diff, reloaded_logits_max_diff=reload_diff, shards=len(shards)))
+    emit(
+        ExportChecked(
+            merged_logits_max_diff=merged.absolute,
+            merged_logits_rel_diff=merged.relative,
+            reloaded_logits_max_diff=reloaded_gap.absolute,
+            reloaded_logits_rel_diff=reloaded_gap.relative,
+            logits_scale=merged.scale,
+            shards=len(shards),
+        )
+    )
 
 
 if __name__ == "__main__":
