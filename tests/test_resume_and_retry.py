@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import finetune
@@ -55,15 +55,6 @@ def worker_processes(workspace: Path) -> list[int]:
         if "tasks.workers." in cmdline and str(workspace) in cmdline and "State:\tZ" not in status:
             pids.append(int(proc.name))
     return pids
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def a_checkpoint_exists(workspace: Path) -> bool:

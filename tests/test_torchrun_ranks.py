@@ -7,8 +7,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from conftest import wait_for
 
 TESTS = Path(__file__).resolve().parent
 LAUNCH = """
@@ -27,13 +28,6 @@ def running(pid: int) -> bool:
     return state != "Z"  # a zombie has ended; only its parent's bookkeeping is left
 
 
-def wait_for(condition, what: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, what
-        time.sleep(0.2)
-
-
 def test_kill_9_of_the_flow_process_leaves_no_torchrun_rank_running(tmp_path: Path):
     pids = tmp_path / "pids"
     pids.mkdir()
@@ -42,12 +36,12 @@ def test_kill_9_of_the_flow_process_leaves_no_torchrun_rank_running(tmp_path: Pa
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)])}
     flow = subprocess.Popen([sys.executable, "-c", LAUNCH, str(config)], env=env, start_new_session=True)
     try:
-        wait_for(lambda: len(list(pids.iterdir())) == 2, "the two ranks did not start", timeout=120)
+        wait_for(lambda: len(list(pids.iterdir())) == 2, 120, "the two ranks to start")
         ranks = [int(path.read_text()) for path in pids.iterdir()]
         assert all(running(pid) for pid in ranks)
         flow.send_signal(signal.SIGKILL)  # the flow process only: no chance to stop anything
         flow.wait()
-        wait_for(lambda: not any(running(pid) for pid in ranks), f"ranks {ranks} outlived the flow process", 30)
+        wait_for(lambda: not any(running(pid) for pid in ranks), 30, f"ranks {ranks} to die with the flow process")
     finally:
         flow.kill()
         for path in pids.iterdir():

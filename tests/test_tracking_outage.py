@@ -8,17 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_for
 
 from tasks.runtime.background_logging import BackgroundLog, TrackingUnavailable
 from tasks.runtime.tracking import StageRun
-
-
-def wait_for(condition, what: str, timeout: float = 30) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert time.time() < deadline, what
-        time.sleep(0.1)
 
 
 def test_points_logged_while_the_mlflow_database_is_locked_reach_it_when_it_is_free(tmp_path: Path):
@@ -32,7 +25,7 @@ def test_points_logged_while_the_mlflow_database_is_locked_reach_it_when_it_is_f
     log.params({"trainable_params": 8192})
     for step in (1, 2):
         log.metrics({"loss": 4.0 - step}, step)
-    wait_for(lambda: len(client.get_metric_history(run_id, "loss")) == 2, "the first points did not arrive")
+    wait_for(lambda: len(client.get_metric_history(run_id, "loss")) == 2, 30, "the first points")
 
     # another process holds the database (a second writer, a backup, an open sqlite3 shell)
     holder = sqlite3.connect(database, isolation_level=None)
@@ -41,7 +34,7 @@ def test_points_logged_while_the_mlflow_database_is_locked_reach_it_when_it_is_f
     for step in (3, 4, 5):
         log.metrics({"loss": 4.0 - step}, step)  # returns at once: training is not held up
     log.tags({"resumed_from": "checkpoint-2"})
-    wait_for(lambda: reports, "the failure was not reported")
+    wait_for(lambda: reports, 30, "the failure to be reported")
     assert "training goes on" in reports[0] and "database is locked" in reports[0]
 
     holder.execute("COMMIT")
