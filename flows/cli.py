@@ -254,7 +254,11 @@ def command_validate(args: argparse.Namespace) -> int:
     import yaml
 
     spec = load_spec(args.spec, args.set)
-    print(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True), end="")
+    data = spec.model_dump(mode="json")
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    if yaml.safe_load(text) != data:  # PyYAML writes some line separators (U+0085, U+2028) unquoted
+        text = yaml.safe_dump(data, sort_keys=False)  # escaped: what is printed reads back as the spec
+    print(text, end="")
     print(f"# valid; spec hash {spec.digest()}")
     return 0
 

@@ -13,10 +13,11 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, NamedTuple
+from types import UnionType
+from typing import Any, Literal, NamedTuple, Union, get_args, get_origin
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from tasks.contracts.spec_sections import (
     DatasetSpec,
@@ -135,19 +136,31 @@ class PipelineSpec(Section):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as a message quotes it: its repr, on one line, shortened past `limit` characters."""
+    if not isinstance(value, str) or len(value) <= limit:
+        return repr(value)[: limit * 10]
+    return f"{value[: limit - 20]!r}... ({len(value)} characters)"
+
+
+def _key_path(loc: tuple) -> str:
+    # a key the spec's author mistyped may hold spaces, newlines or nothing: quoted, it stays one line
+    return ".".join(str(p) if re.fullmatch(r"[\w-]+", str(p)) else _shown(str(p)) for p in loc) or "(top level)"
+
+
 def _format_error(error: dict[str, Any]) -> str:
-    path = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    path = _key_path(error["loc"])
     message = error["msg"]
     if error["type"] == "extra_forbidden":
         return f"{path}: unknown key (check the spelling; see 'tunefactory schema')"
     if error["type"] == "literal_error":
         expected = error.get("ctx", {}).get("expected", "")
-        return f"{path}: {error['input']!r} is not one of {expected.replace(' or ', ', ')}"
+        return f"{path}: {_shown(error['input'])} is not one of {expected.replace(' or ', ', ')}"
     message = message.removeprefix("Value error, ")
     if not error["loc"]:  # a cross-field check: its message names the keys itself
         return message
     if error["type"] != "value_error" and "input" in error and not isinstance(error["input"], dict):
-        return f"{path}: {error['input']!r}: {message}"
+        return f"{path}: {_shown(error['input'])}: {message}"
     return f"{path}: {message}"
 
 
@@ -181,6 +194,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what PyYAML found, on one line (its own message quotes the text over several)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc).split("\n")[0]
+    return f"{where}: {problem}"
+
+
 def override_value(raw: str) -> Any:
     """A `--set` value parsed as YAML, except that `#` is text: `name=Bot #7` is "Bot #7",
     not "Bot" followed by a YAML comment (a shell line has its own comments)."""
@@ -192,8 +213,42 @@ def override_value(raw: str) -> Any:
     return value
 
 
+def _text_annotation(annotation: Any) -> str:
+    """'text' for str (or a choice of strings), 'optional text' for those or None, else ''."""
+    choices = get_args(annotation) if get_origin(annotation) is Literal else ()
+    if annotation is str or (choices and all(isinstance(choice, str) for choice in choices)):
+        return "text"
+    if get_origin(annotation) in (Union, UnionType):
+        kinds = {_text_annotation(a) if a is not type(None) else "none" for a in get_args(annotation)}
+        return "optional text" if kinds == {"text", "none"} else ""
+    return ""
+
+
+def key_kind(keys: list[str]) -> str:
+    """Whether the spec key at this path holds text ('text', 'optional text') or anything else ('')."""
+    annotation: Any = PipelineSpec
+    for key in keys:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            field = annotation.model_fields.get(key)
+            if field is None:
+                return ""  # an unknown key: validation names it
+            annotation = field.annotation
+        elif get_origin(annotation) is dict:
+            annotation = get_args(annotation)[1]
+        else:
+            return ""
+    return _text_annotation(annotation)
+
+
+def _quoted(raw: str) -> bool:
+    return len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one `key.path=value` override in place; the value is parsed as YAML."""
+    """Apply one `key.path=value` override in place. The value of a text key is the text after
+    `=` as written (`name=yes` is "yes", ` Nova` keeps its space), or, quoted whole in YAML's
+    way, what the quotes hold; `null`, `~` or nothing clear a key that may be empty; any other
+    value is parsed as YAML (numbers, yes/no, `[a, b]`)."""
     if "=" not in assignment:
         raise SpecError(f"--set {assignment!r}: expected key.path=value")
     path, raw = assignment.split("=", 1)
@@ -207,10 +262,17 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
             where = ".".join(keys[: depth + 1])
             raise SpecError(f"--set {assignment!r}: {where} is a value, not a section")
         node = child
+    kind = key_kind(keys)
+    if kind == "optional text" and raw.strip() in ("", "~", "null", "Null", "NULL"):
+        node[keys[-1]] = None
+        return
+    if kind and not _quoted(raw):
+        node[keys[-1]] = raw
+        return
     try:
         node[keys[-1]] = override_value(raw)
     except yaml.YAMLError as exc:
-        raise SpecError(f"--set {assignment!r}: the value is not valid YAML ({exc})") from None
+        raise SpecError(f"--set {assignment!r}: the value is not valid YAML{yaml_problem(exc)}") from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineSpec:
@@ -225,7 +287,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> PipelineS
     except DuplicateKey as exc:
         raise SpecError(f"{path}, {exc}") from None
     except yaml.YAMLError as exc:
-        raise SpecError(f"{path}: not valid YAML: {exc}") from None
+        raise SpecError(f"{path}: not valid YAML{yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: the top level must be a mapping of sections, not {type(data).__name__}")
     for assignment in overrides or []:

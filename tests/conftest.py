@@ -94,6 +94,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def prefect_csrf_headers(api_url: str) -> dict[str, str]:
+    """The headers a write to tunefactory's Prefect servers needs (CSRF protection is on there):
+    a token fetched for a client id, as Prefect's UI and Python client do."""
+    import uuid
+
+    import httpx
+
+    client = str(uuid.uuid4())
+    response = httpx.get(f"{api_url}/csrf-token", params={"client": client}, timeout=30)
+    response.raise_for_status()
+    return {"Prefect-Csrf-Token": response.json()["token"], "Prefect-Csrf-Client": client}
+
+
 def task_run_names(flow_run_id: str) -> list[str]:
     """The names of a flow run's task runs, in the order they were to start."""
     from prefect import get_client

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import STAGE_TASK_RUNS, free_port, tiny_spec
+from conftest import STAGE_TASK_RUNS, free_port, prefect_csrf_headers, tiny_spec
 from headless_chromium import Browser
 from mlflow.tracking import MlflowClient
 
@@ -37,11 +37,14 @@ SCREENSHOTS = Path(os.environ.get("TUNEFACTORY_SCREENSHOTS", ROOT / "workspace" 
 
 
 def prefect_api(method: str, url: str, **kwargs) -> httpx.Response:
-    """A request to the Prefect server, repeated while it answers 503: on SQLite it does when a write
-    meets another one (`database is locked`) while `serve` schedules runs every 15 s."""
+    """A request to the Prefect server, with the CSRF token its writes need, repeated while it
+    answers 503: on SQLite it does when a write meets another one (`database is locked`) while
+    `serve` schedules runs every 15 s."""
+    api = url[: url.index("/api") + len("/api")]
+    headers = prefect_csrf_headers(api) if method != "GET" else {}
     deadline = time.time() + 60
     while True:
-        response = httpx.request(method, url, **kwargs)
+        response = httpx.request(method, url, headers=headers, **kwargs)
         if response.status_code != 503 or time.time() > deadline:
             return response
         time.sleep(1)
@@ -264,7 +267,8 @@ def test_schedule_on_kubernetes_gpu_pool_template_renders_a_one_gpu_job(ui_serve
 
     _, servers = ui_servers
     template = json.loads((ROOT / "deployments" / "kubernetes-gpu-pool.json").read_text())
-    created = httpx.post(
+    created = prefect_api(
+        "POST",
         f"{servers.prefect_api_url}/work_pools/",
         json={"name": "tunefactory-gpu", "type": "kubernetes", "base_job_template": template},
     )

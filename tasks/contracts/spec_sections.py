@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 LR_SCHEDULERS = (
     "linear",
@@ -28,8 +29,25 @@ LR_SCHEDULERS = (
 )
 
 
+def _takes_bool(annotation: Any) -> bool:
+    if annotation is bool:
+        return True
+    if get_origin(annotation) is Literal:
+        return any(isinstance(choice, bool) for choice in get_args(annotation))
+    return get_origin(annotation) in (Union, UnionType) and any(map(_takes_bool, get_args(annotation)))
+
+
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no learning rate, epoch count or tolerance a run can use
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic reads true as 1 where a number is wanted: `rank: yes` would train rank 1
+        if isinstance(value, bool) and not _takes_bool(cls.model_fields[info.field_name].annotation):
+            raise ValueError(f"{str(value).lower()} is a yes/no value, which this key does not take")
+        return value
 
 
 class ModelSpec(Section):
@@ -107,7 +125,12 @@ class DatasetSpec(Section):
     @field_validator("template_vars")
     @classmethod
     def _lowercase_keys(cls, value: dict[str, str]) -> dict[str, str]:
-        return {key.lower(): val for key, val in value.items()}
+        lowered: dict[str, str] = {}
+        for key, val in value.items():
+            if key.lower() in lowered:  # one would silently replace the other
+                raise ValueError(f"{key!r} is given twice (keys are case-insensitive: <NAME> is <name>)")
+            lowered[key.lower()] = val
+        return lowered
 
 
 class TokenizeSpec(Section):

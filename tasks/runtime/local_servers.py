@@ -28,9 +28,11 @@ import httpx
 from pydantic import BaseModel, Field, ValidationError
 
 from tasks.contracts.child_process import die_with_parent
+from tasks.runtime.browser_guard import MLFLOW_APP_NAME, guard_environment
 
 RECORD = "servers.json"
 BIN = Path(sys.executable).parent
+GUARDED_PREFECT_APP = "tasks.runtime.browser_guard:prefect_app"
 
 
 class Servers(BaseModel):
@@ -170,12 +172,16 @@ def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) ->
             )
     prefect_env = {
         **env,
+        **guard_environment(prefect_port),
         "PREFECT_HOME": str(workspace / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT__SERVER_FINAL": "1",
         # the UI's API address follows the settings, not --port; without this it calls :4200
         "PREFECT_UI_API_URL": f"http://{host}:{prefect_port}/api",
     }
-    prefect_cmd = [str(BIN / "prefect"), "server", "start", "--host", host, "--port", str(prefect_port)]
+    # what `prefect server start` runs (its app, its services, its UI), with the browser guards
+    prefect_cmd = [sys.executable, "-m", "uvicorn", "--factory", GUARDED_PREFECT_APP]
+    prefect_cmd += ["--host", host, "--port", str(prefect_port)]
     mlflow_cmd = [
         str(BIN / "mlflow"),
         "server",
@@ -189,10 +195,16 @@ def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) ->
         str(mlflow_port),
         "--workers",
         "1",
+        "--app-name",  # MLflow's app behind tunefactory's browser guard
+        MLFLOW_APP_NAME,
     ]
     pids = {
         "prefect": _launch(prefect_cmd, logs / "prefect-server.log", prefect_env),
-        "mlflow": _launch(mlflow_cmd, logs / "mlflow-server.log", {**env, "MLFLOW_DISABLE_TELEMETRY": "true"}),
+        "mlflow": _launch(
+            mlflow_cmd,
+            logs / "mlflow-server.log",
+            {**env, **guard_environment(mlflow_port), "MLFLOW_DISABLE_TELEMETRY": "true"},
+        ),
     }
     servers = Servers(
         prefect_url=f"http://{host}:{prefect_port}",
@@ -259,12 +271,13 @@ class TemporaryPrefectServer:
         self.api_url = f"http://127.0.0.1:{port}/api"
         env = {
             **os.environ,
+            **guard_environment(port),
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         }
-        command = [sys.executable, "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app"]
+        command = [sys.executable, "-m", "uvicorn", "--factory", GUARDED_PREFECT_APP]
         command += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on"]
         self.process = subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=die_with_parent
