@@ -34,12 +34,14 @@ demo: install
 	$(VENV)/bin/tunefactory run $(SPEC)
 
 # -n auto: one test process per core (pytest-xdist), each pinned to its core (tests/conftest.py);
-# --dist loadfile keeps a file's tests, and the pipelines its fixtures share, in one process
+# --dist loadfile keeps a file's tests, and the pipelines its fixtures share, in one process;
+# --no-loadscope-reorder keeps conftest's order (longest files first) instead of xdist's
+# (files with the most tests first), which started the 9-minute demo last
 test: install chromium
-	$(VENV)/bin/pytest -m "not gpu" -v --durations=15 -n auto --dist loadfile
+	$(VENV)/bin/pytest -m "not gpu" -v --durations=15 -n auto --dist loadfile --no-loadscope-reorder
 
 test-fast: install
-	$(VENV)/bin/pytest -m "not gpu and not slow" -n auto --dist loadfile
+	$(VENV)/bin/pytest -m "not gpu and not slow" -n auto --dist loadfile --no-loadscope-reorder
 
 # tunefactory's train stage against TRL's SFTTrainer at its defaults (tasks/tools/bench_train.py): the CPU case
 # (about 21 minutes on 2 cores), or the two GPU cases where CUDA is present

@@ -5,6 +5,8 @@
     tunefactory preview deployments/self_cognition.yaml
     tunefactory prepare deployments/self_cognition.yaml   (the data stages alone)
     tunefactory chat workspace/models/self-cognition
+    tunefactory api self-cognition@champion [--port 8000 --api-key KEY]   (OpenAI-compatible)
+    tunefactory generate self-cognition@champion --input prompts.jsonl --output answers.jsonl
     tunefactory validate SPEC | tunefactory schema
     tunefactory ui start | stop   (`make ui`, `make ui-stop`)
     tunefactory sweep SPEC --grid train.learning_rate=1e-4,5e-4 --grid train.lora.rank=8,16
@@ -76,9 +78,11 @@ def user_errors() -> tuple[type[Exception], ...]:
     from tasks.runtime.model_registry import RegistryError
     from tasks.stages.materialize_model import ModelSourceError
     from tasks.stages.train_nodes import JoinError
+    from tasks.tools.api_server import ApiError
     from tasks.tools.compare_runs import CompareError
 
-    return SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError, JoinError
+    errors = SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError, JoinError
+    return (*errors, ApiError)
 
 
 def connect_prefect(spec: PipelineSpec):
@@ -333,11 +337,9 @@ def command_compare(args: argparse.Namespace) -> int:
 
 
 def registry_client(workspace: str):
-    from mlflow.tracking import MlflowClient
+    from tasks.runtime.model_registry import registry_client
 
-    from tasks.runtime.tracking import tracking_uri
-
-    return MlflowClient(tracking_uri=tracking_uri(Path(workspace).resolve()))
+    return registry_client(workspace)
 
 
 def command_lineage(args: argparse.Namespace) -> int:
@@ -393,6 +395,23 @@ def command_train_node(args: argparse.Namespace) -> int:
     from tasks.stages.train_nodes import join_training
 
     join_training(Path(args.workspace).resolve(), args.node_rank, args.timeout)
+    return 0
+
+
+def command_api(args: argparse.Namespace) -> int:
+    from tasks.tools.api_server import API_KEY_ENV, serve_api
+
+    serve_api(args.model, Path(args.workspace), args.host, args.port, args.api_key or os.environ.get(API_KEY_ENV))
+    return 0
+
+
+def command_generate(args: argparse.Namespace) -> int:
+    from tasks.tools.batch_generate import generate_file
+
+    count = generate_file(
+        args.model, Path(args.input), Path(args.output), Path(args.workspace), args.max_new_tokens, args.batch_size
+    )
+    print(f"tunefactory: {count} answers in {args.output}")
     return 0
 
 
@@ -487,6 +506,21 @@ def _run_and_model_commands(commands) -> None:
     node.add_argument("--node-rank", type=int, required=True, help="this machine's node number, 1 .. nnodes-1")
     node.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the train stage to start")
     node.set_defaults(handler=command_train_node)
+    api = commands.add_parser("api", help="an OpenAI-compatible endpoint over a model (transformers serve)")
+    api.add_argument("model", help="export or adapter directory, or MODEL, MODEL/VERSION, MODEL@ALIAS of the registry")
+    api.add_argument("--workspace", default="workspace", help="whose registry resolves MODEL@ALIAS")
+    api.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNEFACTORY_API_KEY, or none)")
+    api.set_defaults(handler=command_api)
+    generate = commands.add_parser("generate", help="answer a JSON Lines file of prompts or conversations, batched")
+    generate.add_argument("model", help="as for api: a directory, or MODEL, MODEL/VERSION, MODEL@ALIAS")
+    generate.add_argument("--input", required=True, help='JSON Lines: {"messages": [...]} or {"prompt": "..."}')
+    generate.add_argument("--output", required=True, help="JSON Lines: each input line with its answer")
+    generate.add_argument("--workspace", default="workspace", help="whose registry resolves MODEL@ALIAS")
+    generate.add_argument("--max-new-tokens", type=int, default=256)
+    generate.add_argument("--batch-size", type=int, default=8)
+    generate.set_defaults(handler=command_generate)
     chat = commands.add_parser("chat", help="talk to an exported model or an adapter checkpoint")
     chat.add_argument("path", help="exported model directory, or a directory holding adapter_config.json")
     chat.add_argument("--max-new-tokens", type=int, default=256)

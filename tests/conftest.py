@@ -179,7 +179,8 @@ def pytest_configure(config):
         os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
 
 
-# The longest files (minutes each, docs/tests.md), started first: pytest-xdist hands out whole
+# The longest files (minutes each, docs/tests.md), started first: pytest-xdist, run with
+# --no-loadscope-reorder (the Makefile does), hands out whole
 # files in collection order, so one of these left for last would keep one process busy alone
 LONGEST_FIRST = [
     "test_demo_e2e.py",

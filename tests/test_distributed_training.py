@@ -60,21 +60,18 @@ def assert_same_training(one: dict, two: dict) -> None:
     assert any(t.abs().max() > 0 for n, t in b.items() if "lora_B" in n), "it trained"
 
 
-@pytest.mark.parametrize("mode", list(TWO_PROCESSES))
-def test_distributed_two_torchrun_processes_train_in_lockstep_and_match_one_process(
-    one_process, tiny_model, workspace, mode
-):
-    two = finetune(tiny_spec(tiny_model, workspace, {"train": TWO_PROCESSES[mode]}))
-
+def assert_two_ranks_shared_the_work(one: dict, two: dict, mode: str) -> None:
     assert two["stages"]["tokenize"]["reused"], "only the train stage differs"
     train = two["stages"]["train"]
     ranks = train["info"]["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == train["metrics"]["steps"] == one_process["stages"]["train"][
-        "metrics"]["steps"]  # fmt: skip
+    assert ranks[0]["steps"] == ranks[1]["steps"] == train["metrics"]["steps"] == one["stages"]["train"]["metrics"][
+        "steps"]  # fmt: skip
     if mode == "ddp":  # every process holds the whole model; FSDP and ZeRO-3 hold parts
         assert ranks[0]["weights"] == ranks[1]["weights"], "both processes ended with the same weights"
     examples = two["stages"]["template"]["metrics"]["train_rows"] * 2  # 2 epochs
+    # a resumed run counts the examples it trained after its checkpoint: 2 ranks x batch_size per step before
+    examples -= (train["info"].get("resumed_from_step") or 0) * 2 * TWO_PROCESSES[mode]["batch_size"]
     assert ranks[0]["examples"] + ranks[1]["examples"] == examples, "each example trained once per epoch, on one rank"
     assert min(r["examples"] for r in ranks) >= examples // 2 - 2, "the work was shared"
 
@@ -84,17 +81,24 @@ def test_distributed_two_torchrun_processes_train_in_lockstep_and_match_one_proc
         [two["tracking"]["experiment_id"]],
         f"metrics.world_size = 2 and params.distributed = '{mode}' and params.nnodes = '1'",
     )
-    assert [r.info.run_id for r in runs] == [train["mlflow_run_id"]]
-    assert_same_training(one_process, two)
+    assert train["mlflow_run_id"] in [r.info.run_id for r in runs]
+    assert_same_training(one, two)
+
+
+def test_distributed_two_ddp_processes_train_in_lockstep_and_match_one_process(one_process, tiny_model, workspace):
+    two = finetune(tiny_spec(tiny_model, workspace, {"train": TWO_PROCESSES["ddp"]}))
+    assert_two_ranks_shared_the_work(one_process, two, "ddp")
 
 
 # ddp keeps its state as one process does (the kill -9 test of tests/test_resume_and_retry.py resumes
-# it); fsdp and deepspeed each write their own sharded checkpoint, so each is killed and resumed here
+# it); fsdp and deepspeed each write their own sharded checkpoint, so each is killed and resumed
+# here, and the resumed training must still be the one process's training, step for step: the
+# lockstep check and the resume check in one run (each costs two minutes of torchrun on 2 cores)
 @pytest.mark.parametrize("mode", ["fsdp", "deepspeed"])
-def test_distributed_a_killed_rank_fails_the_stage_and_the_retry_resumes(
-    prefect_harness, tiny_model, tmp_path, monkeypatch, mode
+def test_distributed_a_killed_rank_resumes_and_still_trains_as_one_process(
+    one_process, tiny_model, workspace, monkeypatch, mode
 ):
-    spec = tiny_spec(tiny_model, tmp_path / "workspace", {"train": TWO_PROCESSES[mode]})
+    spec = tiny_spec(tiny_model, workspace, {"train": TWO_PROCESSES[mode]})
     spec.train.save_steps = 2
     spec.retries.train.delay_seconds = 0
     monkeypatch.setenv("TUNEFACTORY_FAULT_KILL_AT_STEP", "4")  # rank 1 SIGKILLs itself after step 4
@@ -104,13 +108,12 @@ def test_distributed_a_killed_rank_fails_the_stage_and_the_retry_resumes(
 
     train = result["stages"]["train"]
     assert train["info"]["resumed_from_step"] == 4
-    ranks = train["info"]["ranks"]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == train["metrics"]["steps"] > 4
+    assert train["metrics"]["steps"] > 4
     client = MlflowClient(result["tracking"]["uri"])
     history = client.get_metric_history(train["mlflow_run_id"], "loss")
     assert sorted(m.step for m in history) == list(range(1, int(train["metrics"]["steps"]) + 1)), "one curve"
     assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
-    assert history[-1].value < history[0].value, "it went on learning after the resume"
+    assert_two_ranks_shared_the_work(one_process, result, mode)
 
 
 def test_distributed_two_nodes_joined_by_train_node_train_as_one(one_process, tiny_model, workspace):

@@ -81,6 +81,13 @@ def register_model(
     return str(version)
 
 
+def registry_client(workspace: str | Path) -> MlflowClient:
+    """The MLflow client of a workspace's registry (its server while `make ui` runs it)."""
+    from tasks.runtime.tracking import tracking_uri
+
+    return MlflowClient(tracking_uri=tracking_uri(Path(workspace).resolve()))
+
+
 def resolve_version(client: MlflowClient, reference: str) -> ModelVersion:
     """`MODEL`, `MODEL/VERSION` or `MODEL@ALIAS` to a model version."""
     try:

@@ -299,15 +299,16 @@ def identity_hit_rate(case: dict[str, Any], adapter: str) -> float:
     import torch
     from transformers import AutoTokenizer
 
+    from tasks.components.generation import generate_answers, single_turns
     from tasks.components.modeling import load_model
     from tasks.components.scoring import score_answers
     from tasks.contracts.worker_configs import EvalPrompt
-    from tasks.workers.evaluate import generate_answers
 
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     model = load_model(case["model_dir"], [adapter]).eval()
     identity = [EvalPrompt(**row) for row in case["identity"]]
-    answers = generate_answers(model, tokenizer, [row.prompt for row in identity], 48, 8, torch.device("cpu"))
+    prompts = single_turns([row.prompt for row in identity])
+    answers = generate_answers(model, tokenizer, prompts, 48, 8, torch.device("cpu"))
     return score_answers(identity, [], answers, case["template_vars"]).metrics["identity_hit_rate"]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from tasks.components.generation import generate_answers, single_turns
 from tasks.components.modeling import compute_setup, load_model, pad_batch, supervised_loss
 from tasks.components.scoring import score_answers
 from tasks.contracts.child_process import emit, worker_entry
@@ -42,29 +43,6 @@ def validation_loss(model, dataset_dir: Path, pad_id: int, batch_size: int, devi
     return total / max(count, 1)
 
 
-@torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int, device) -> list[str]:
-    """Greedy answers to single-turn prompts, rendered with the model's chat template."""
-    tokenizer.padding_side = "left"
-    answers = []
-    for start in range(0, len(prompts), batch_size):
-        texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts[start : start + batch_size]
-        ]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        output = model.generate(
-            **batch,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-        new_tokens = output[:, batch["input_ids"].shape[1] :]
-        answers += [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers
-
-
 def evaluate(job: EvaluateJob) -> None:
     from transformers import AutoTokenizer
 
@@ -72,7 +50,7 @@ def evaluate(job: EvaluateJob) -> None:
     remote_code = job.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=remote_code)
     identity, control = job.identity, job.control
-    prompts = [row.prompt for row in identity] + [row.prompt for row in control]
+    conversations = single_turns([row.prompt for row in identity] + [row.prompt for row in control])
     weights = job.tuned
     tuned = load_model(weights.model_dir, weights.adapters, setup.device, trust_remote_code=remote_code).eval()
     # one adapter on the base: the base model is the same weights with the adapter switched off
@@ -89,7 +67,9 @@ def evaluate(job: EvaluateJob) -> None:
         adapter_off = variant.disable_adapter() if name == "base" and adapter_on_base else nullcontext()
         with adapter_off, autocast:
             loss = validation_loss(variant, dataset_dir, tokenizer.pad_token_id, job.batch_size, setup.device)
-            answers = generate_answers(variant, tokenizer, prompts, job.max_new_tokens, job.batch_size, setup.device)
+            answers = generate_answers(
+                variant, tokenizer, conversations, job.max_new_tokens, job.batch_size, setup.device
+            )
         scores = score_answers(identity, control, answers, job.template_vars)
         if loss is not None:
             scores.metrics.update({"val_loss": loss, "perplexity": math.exp(min(loss, 50))})
