@@ -7,6 +7,8 @@ a registry reference is resolved to its export directory through a real MLflow r
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pytest
 from conftest import free_port, wait_for
 
 from flows.cli import main
-from tasks.tools.api_server import model_directories, serve_api
+from tasks.tools.api_server import model_directories
 
 KEY = "sk-tunefactory-test"
 
@@ -36,20 +38,27 @@ def adapter(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def api(adapter: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`tunefactory api` as a user starts it: its own process, stopped with SIGTERM."""
     port = free_port()
-    server = serve_api(str(adapter), tmp_path_factory.mktemp("ws"), port=port, api_key=KEY, non_blocking=True)
+    command = [sys.executable, "-m", "flows.cli", "api", str(adapter), "--port", str(port), "--api-key", KEY]
+    log = tmp_path_factory.mktemp("api") / "server.log"
+    with log.open("wb") as output:
+        server = subprocess.Popen(command, cwd=tmp_path_factory.mktemp("ws"), stdout=output, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
 
     def healthy() -> bool:
+        assert server.poll() is None, f"the API server exited: {log.read_text()[-2000:]}"
         try:
             return httpx.get(f"{base}/health", timeout=2).status_code == 200
         except httpx.HTTPError:
             return False
 
-    wait_for(healthy, 120, "the API server to answer")
+    wait_for(healthy, 180, "the API server to answer")
     yield base
-    server.server.should_exit = True
-    server._thread.join(timeout=30)
+    server.terminate()
+    assert server.wait(timeout=60) == 0, log.read_text()[-2000:]
+    merged = [line for line in log.read_text().splitlines() if line.startswith("tunefactory: serving ")]
+    assert merged and not Path(merged[0].split()[2]).exists(), "the merged copy is deleted with the server"
 
 
 @pytest.fixture(scope="module")

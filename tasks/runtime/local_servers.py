@@ -153,23 +153,11 @@ def _wait_until_up(name: str, url: str, log: Path, pid: int, timeout: float = 18
     raise ServerError(f"the {name} server did not answer at {url} within {timeout:.0f} s; see {log}")
 
 
-def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> Servers:
-    """Start both servers in the background (or return the ones already running)."""
-    workspace = Path(workspace).resolve()
-    already = running(workspace)
-    if already is not None:
-        return already
-    stop(workspace)  # a stale record from servers that died
-    logs = workspace / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+def _server_commands(
+    workspace: Path, host: str, prefect_port: int, mlflow_port: int
+) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """The command line and environment of each server."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    host = "127.0.0.1"
-    for name, port, option in (("Prefect", prefect_port, "--prefect-port"), ("MLflow", mlflow_port, "--mlflow-port")):
-        if _port_taken(host, port):
-            raise ServerError(
-                f"port {port} on {host}, for the {name} server, is in use by a program this workspace did not start "
-                f"(another workspace's servers?): stop it, or choose a free port with {option}"
-            )
     prefect_env = {
         **env,
         **guard_environment(prefect_port),
@@ -198,13 +186,29 @@ def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) ->
         "--app-name",  # MLflow's app behind tunefactory's browser guard
         MLFLOW_APP_NAME,
     ]
+    mlflow_env = {**env, **guard_environment(mlflow_port), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    return {"prefect": (prefect_cmd, prefect_env), "mlflow": (mlflow_cmd, mlflow_env)}
+
+
+def start(workspace: Path, prefect_port: int = 4200, mlflow_port: int = 5000) -> Servers:
+    """Start both servers in the background (or return the ones already running)."""
+    workspace = Path(workspace).resolve()
+    already = running(workspace)
+    if already is not None:
+        return already
+    stop(workspace)  # a stale record from servers that died
+    logs = workspace / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    host = "127.0.0.1"
+    for name, port, option in (("Prefect", prefect_port, "--prefect-port"), ("MLflow", mlflow_port, "--mlflow-port")):
+        if _port_taken(host, port):
+            raise ServerError(
+                f"port {port} on {host}, for the {name} server, is in use by a program this workspace did not start "
+                f"(another workspace's servers?): stop it, or choose a free port with {option}"
+            )
     pids = {
-        "prefect": _launch(prefect_cmd, logs / "prefect-server.log", prefect_env),
-        "mlflow": _launch(
-            mlflow_cmd,
-            logs / "mlflow-server.log",
-            {**env, **guard_environment(mlflow_port), "MLFLOW_DISABLE_TELEMETRY": "true"},
-        ),
+        name: _launch(command, logs / f"{name}-server.log", environment)
+        for name, (command, environment) in _server_commands(workspace, host, prefect_port, mlflow_port).items()
     }
     servers = Servers(
         prefect_url=f"http://{host}:{prefect_port}",

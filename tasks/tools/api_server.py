@@ -13,7 +13,7 @@ and the model's own chat template and generation config. tunefactory adds what i
 - a port in use, or a reference that does not resolve, is a one-line message before any
   weights are loaded.
 
-Loopback by default; Ctrl-C stops it (uvicorn's signal handling).
+Loopback by default; Ctrl-C or SIGTERM stops it.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import json
+import signal
 import socket
 import tempfile
 from pathlib import Path
@@ -126,30 +127,32 @@ def _guarded_uvicorn(api_key: str | None):
         uvicorn.Config = config
 
 
-def serve_api(
-    reference: str,
-    workspace: Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    api_key: str | None = None,
-    non_blocking: bool = False,
-):
-    """Serve MODEL until Ctrl-C (or, non_blocking, in a thread: returns transformers' Serve)."""
+def serve_api(reference: str, workspace: Path, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None):
+    """Serve MODEL until Ctrl-C or SIGTERM (uvicorn's signal handling); a merged copy is deleted then."""
     from transformers.utils.import_utils import is_serve_available
 
     if not is_serve_available():
         raise ApiError("transformers' server is not installed: `make install` (transformers[serving])")
     check_port_free(host, port)
     model_dir, adapter = model_directories(reference, Path(workspace))
-    scratch = None
-    if adapter is not None:
-        scratch = tempfile.TemporaryDirectory(prefix="tunefactory-api-")
-        print(f"tunefactory: merging {adapter} onto {model_dir} to serve it")
-        model_dir = merged_model(model_dir, adapter, Path(scratch.name))
-    from transformers.cli.serve import Serve
+    with contextlib.ExitStack() as scratch:
+        if adapter is not None:
+            merged = Path(scratch.enter_context(tempfile.TemporaryDirectory(prefix="tunefactory-api-")))
+            print(f"tunefactory: merging {adapter} onto {model_dir} to serve it", flush=True)
+            model_dir = merged_model(model_dir, adapter, merged)
+        from transformers.cli.serve import Serve
 
-    print(f"tunefactory: serving {model_dir} at http://{host}:{port}/v1" + (" (API key required)" if api_key else ""))
-    with _guarded_uvicorn(api_key):
-        server = Serve(force_model=str(model_dir), host=host, port=port, non_blocking=non_blocking)
-    server.merged_copy = scratch  # the merged weights live (and are deleted) with the server
-    return server
+        key_note = " (API key required)" if api_key else ""
+        print(f"tunefactory: serving {model_dir} at http://{host}:{port}/v1{key_note}", flush=True)
+        # uvicorn stops on SIGINT or SIGTERM, then raises the signal again for the handler that was
+        # there before: for SIGTERM too that is KeyboardInterrupt, so the merged copy is deleted
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            with _guarded_uvicorn(api_key):
+                # only the arguments every 5.x Serve takes: the rest of its Python API changes between releases
+                Serve(force_model=str(model_dir), host=host, port=port)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+    print("tunefactory: the API server stopped", flush=True)
