@@ -38,13 +38,19 @@ def check_inputs(spec: PipelineSpec) -> None:
     """Read the model source, every dataset's first rows and the evaluation sets the spec names,
     so that mistakes surface before stage one (the template stage reads every row)."""
     from tasks.components.chat_encoding import template_supports_tools
-    from tasks.contracts.spec_sections import STAGE_DATA
+    from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, STAGE_DATA
     from tasks.dataset.registry import DataError
     from tasks.stages.evaluate import eval_prompts
-    from tasks.stages.materialize_model import model_chat_template, source_fingerprint
+    from tasks.stages.materialize_model import model_chat_template, model_type_of, source_fingerprint
     from tasks.stages.template_dataset import peek_examples
 
     source_fingerprint(spec.model.name_or_path)
+    model_type = model_type_of(spec.model.name_or_path) if "gguf" in spec.export.formats else None
+    if model_type is not None and model_type not in GGUF_ARCHITECTURES:  # a hub model: the export checks
+        raise SpecError(
+            f"export.formats: gguf: {spec.model.name_or_path} is a {model_type!r} model; "
+            f"the GGUF writer maps {', '.join(GGUF_ARCHITECTURES)} (remove gguf, or export it another way)"
+        )
     for plan in spec.training_plan():
         data = spec.data_for(plan.config)
         section = "train" if plan.name == "train" else f"then.{plan.name}"
@@ -72,6 +78,7 @@ def check_inputs(spec: PipelineSpec) -> None:
 
 
 def user_errors() -> tuple[type[Exception], ...]:
+    from tasks.components.gguf_writer import GGUFError
     from tasks.contracts.child_process import WorkerError
     from tasks.dataset.registry import DataError
     from tasks.runtime.local_servers import ServerError
@@ -82,7 +89,7 @@ def user_errors() -> tuple[type[Exception], ...]:
     from tasks.tools.compare_runs import CompareError
 
     errors = SpecError, DataError, ModelSourceError, WorkerError, RegistryError, CompareError, ServerError, JoinError
-    return (*errors, ApiError)
+    return (*errors, ApiError, GGUFError)
 
 
 def connect_prefect(spec: PipelineSpec):
@@ -415,6 +422,16 @@ def command_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_gguf(args: argparse.Namespace) -> int:
+    from tasks.tools.gguf_export import export_gguf
+
+    out = Path(args.out) if args.out else None
+    target, gap = export_gguf(args.model, Path(args.workspace), args.type, out)
+    print(f"tunefactory: {target} ({target.stat().st_size / 2**20:.1f} MiB), logits within {gap:.1e} of the model's")
+    print(f"  Ollama: cd {target.parent} && ollama create {target.stem} -f Modelfile && ollama run {target.stem}")
+    return 0
+
+
 def command_chat(args: argparse.Namespace) -> int:
     from tasks.tools.chat import chat_loop
 
@@ -521,6 +538,12 @@ def _run_and_model_commands(commands) -> None:
     generate.add_argument("--max-new-tokens", type=int, default=256)
     generate.add_argument("--batch-size", type=int, default=8)
     generate.set_defaults(handler=command_generate)
+    gguf = commands.add_parser("gguf", help="write a model as one GGUF file (llama.cpp, Ollama) with a Modelfile")
+    gguf.add_argument("model", help="as for api: a directory, or MODEL, MODEL/VERSION, MODEL@ALIAS")
+    gguf.add_argument("--type", default="f16", help="f16 (default), bf16, q8_0 or f32")
+    gguf.add_argument("--out", help="the .gguf file (default: WORKSPACE/gguf/MODEL-TYPE.gguf)")
+    gguf.add_argument("--workspace", default="workspace")
+    gguf.set_defaults(handler=command_gguf)
     chat = commands.add_parser("chat", help="talk to an exported model or an adapter checkpoint")
     chat.add_argument("path", help="exported model directory, or a directory holding adapter_config.json")
     chat.add_argument("--max-new-tokens", type=int, default=256)

@@ -19,7 +19,8 @@ STAGES = ["model", "template", "tokenize", "train", "evaluate", "export"]
 
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    spec = tiny_spec(tiny_model, tmp_path_factory.mktemp("flow") / "workspace")
+    export = {"max_shard_size": "2MB", "formats": ["safetensors", "gguf"], "gguf_type": "q8_0"}
+    spec = tiny_spec(tiny_model, tmp_path_factory.mktemp("flow") / "workspace", {"export": export})
     return spec, finetune(spec)
 
 
@@ -51,6 +52,11 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     assert len(list(model_dir.glob("model-*.safetensors"))) >= 2, "max_shard_size 2MB gives several shards"
     card = (model_dir / "README.md").read_text()
     assert "Nova" in card and stages["model"]["info"]["source_digest"] in card
+    # export.formats gguf: one checked q8_0 file and an Ollama Modelfile beside the shards
+    assert stages["export"]["info"]["gguf_file"] == "tiny-test-q8_0.gguf"
+    assert 0 < stages["export"]["metrics"]["gguf_logits_rel_diff"] <= stages["export"]["metrics"]["gguf_logits_rtol"]
+    assert (model_dir / "Modelfile").read_text().startswith("FROM ./tiny-test-q8_0.gguf\n")
+    assert not list(model_dir.glob("*.partial")) and not list(model_dir.glob("*.checking.gguf"))
 
     # Prefect: one named task run per stage
     assert sorted(task_run_names(result["flow_run_id"])) == sorted(STAGE_TASK_RUNS)
@@ -85,6 +91,9 @@ def test_sft_lora_pipeline_writes_every_stage_and_tracks_it(first_run, tiny_mode
     assert registered.parent.as_uri() == by_stage["export"].info.artifact_uri, "the model is in the run's artifacts"
     assert sorted(p.name for p in registered.iterdir()) == sorted(p.name for p in model_dir.iterdir())
     assert all((registered / p.name).samefile(p) for p in model_dir.glob("*.safetensors")), "hard links, not copies"
+    assert (registered / "tiny-test-q8_0.gguf").samefile(model_dir / "tiny-test-q8_0.gguf"), "the GGUF too"
+    gguf_gap = stages["export"]["metrics"]["gguf_logits_rel_diff"]
+    assert by_stage["export"].data.metrics["gguf_logits_rel_diff"] == gguf_gap, "in MLflow too"
 
     # Learning happened where it should: LoRA layers moved, everything frozen stayed put
     adapter = load_file(Path(stages["train"]["output_dir"]) / "adapter" / "adapter_model.safetensors")
@@ -132,3 +141,49 @@ def test_a_wrong_merge_is_caught_and_nothing_is_exported(first_run, monkeypatch:
     assert [p for p in exported.parent.iterdir() if (p / "manifest.json").is_file()] == [exported]
     models = Path(spec.workspace) / "models" / spec.name
     assert models.resolve() == (exported / "model").resolve()
+
+
+def test_the_exported_gguf_is_a_base_model_of_the_next_flow(first_run, tmp_path: Path):
+    """The round trip: what export.formats gguf wrote is accepted as model.name_or_path again."""
+    spec, first = first_run
+    gguf = Path(first["stages"]["export"]["output_dir"]) / "model" / "tiny-test-q8_0.gguf"
+    cheaper = {"train": {"num_epochs": 1}, "evaluate": {"compare_base": False, "control_prompts": None}}
+    again = tiny_spec(gguf, tmp_path / "workspace", cheaper)
+    result = finetune(again)
+    model = result["stages"]["model"]
+    source = json.loads((Path(model["output_dir"]) / "source.json").read_text())
+    assert source["kind"] == "gguf" and source["path"] == str(gguf.resolve())
+    converted = Path(model["output_dir"]) / model["info"]["model_path"]
+    assert json.loads((converted / "config.json").read_text())["model_type"] == "llama"
+    assert result["stages"]["train"]["metrics"]["steps"] > 0 and "export" in result["stages"]
+    lineage = json.loads((Path(result["stages"]["export"]["output_dir"]) / "model" / "lineage.json").read_text())
+    assert lineage["base_model"] == str(gguf)
+
+
+def test_the_registered_version_loads_as_an_mlflow_model_and_answers(first_run):
+    """models:/NAME@ALIAS through MLflow's own loader: the export's MLmodel names tunefactory's."""
+    import mlflow
+    import pandas as pd
+
+    from tasks.components.generation import generate_answers
+    from tasks.runtime.mlflow_model import ChatModel
+
+    _, result = first_run
+    conversations = [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "Hi"}]]
+    previous = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(result["tracking"]["uri"])
+    try:
+        model = mlflow.pyfunc.load_model("models:/tiny-test@candidate")
+    finally:
+        mlflow.set_tracking_uri(previous)
+    assert model.metadata.get_input_schema().input_names() == ["messages"]
+    rows = model.predict([{"messages": c} for c in conversations], params={"max_new_tokens": 4})
+    table = model.predict(pd.DataFrame({"messages": conversations}), params={"max_new_tokens": 4})
+    # the registry's copy is the export: same weights, same greedy answers as the export directory
+    export = Path(result["stages"]["export"]["output_dir"]) / "model"
+    local = ChatModel(export)
+    served = model.get_raw_model().state_dict()
+    for name, weight in local.model.state_dict().items():
+        assert torch.equal(weight, served[name]), name
+    expected = generate_answers(local.model, local.tokenizer, conversations, 4, 8, "cpu")
+    assert list(rows) == list(table) == expected

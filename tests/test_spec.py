@@ -146,6 +146,9 @@ def test_a_key_twice_and_a_spec_not_in_utf8_are_refused_naming_the_file(tmp_path
         ({"registered_model_name": "team/bot"}, "export.registered_model_name: 'team/bot' must be a non-empty name"),
         ({"registered_model_name": "bot's"}, "without '/', ':' or quotes"),
         ({"logits_atol": 1e-3}, "logits_atol is replaced by logits_rtol, a share of the largest logit"),
+        ({"formats": ["gguf"]}, "export.formats: must hold 'safetensors'"),
+        ({"formats": ["safetensors", "onnx"]}, "export.formats.1: 'onnx' is not one of 'safetensors', 'gguf'"),
+        ({"gguf_type": "q4_k"}, "export.gguf_type: 'q4_k' is not one of 'f16', 'bf16', 'q8_0', 'f32'"),
     ],
 )
 def test_registry_names_and_aliases_mlflow_refuses_are_refused_with_the_spec(export: dict, expected: str):
@@ -165,6 +168,17 @@ def test_missing_and_malformed_spec_files(tmp_path: Path):
     listed.write_text("- a\n- b\n")
     with pytest.raises(SpecError, match="top level must be a mapping"):
         load_spec(listed)
+
+
+def test_a_gguf_export_of_an_architecture_the_writer_does_not_map_is_refused_before_stage_one(tiny_model, tmp_path):
+    other = tmp_path / "gpt2-like"
+    other.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    spec = validate_spec({"model": {"name_or_path": str(other)}, "export": {"formats": ["safetensors", "gguf"]}})
+    with pytest.raises(SpecError, match=r"export.formats: gguf: .*gpt2-like is a 'gpt2' model; the GGUF writer maps"):
+        check_inputs(spec)
+    check_inputs(spec.model_copy(update={"export": spec.export.model_copy(update={"formats": ["safetensors"]})}))
 
 
 def test_unknown_dataset_lists_the_registered_ones():

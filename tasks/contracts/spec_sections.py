@@ -457,8 +457,20 @@ class EvaluateSpec(Section):
     batch_size: int = Field(16, ge=1, description="Prompts generated together.")
 
 
+GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what tasks/components/gguf_writer.py writes
+GGUF_ARCHITECTURES = ("llama", "mistral")  # the model_types its tensor-name map covers
+
+
 class ExportSpec(Section):
     max_shard_size: str = Field("10GB", description="Largest safetensors shard, e.g. '500MB' or '10GB'.")
+    formats: list[Literal["safetensors", "gguf"]] = Field(
+        ["safetensors"],
+        description="What the export writes: safetensors shards always; 'gguf' adds one GGUF file and an Ollama "
+        "Modelfile beside them (llama.cpp, Ollama, LM Studio), checked against the merged model's logits.",
+    )
+    gguf_type: Literal[GGUF_TYPES] = Field(
+        "f16", description="Weight type of the GGUF file: f16, bf16, q8_0 (half the size of f16) or f32."
+    )
     registered_model_name: str | None = Field(
         None, description="Name in the MLflow Model Registry (default: the spec's name)."
     )
@@ -480,6 +492,15 @@ class ExportSpec(Section):
                 "tolerance failed on rounding alone once an adapter had moved the logits; remove logits_atol"
             )
         return data
+
+    @field_validator("formats")
+    @classmethod
+    def _safetensors_first(cls, value: list[str]) -> list[str]:
+        if "safetensors" not in value:
+            raise ValueError("must hold 'safetensors': the registry version and the GGUF are made from those shards")
+        if len(set(value)) != len(value):
+            raise ValueError(f"{value}: each format once")
+        return value
 
     # MLflow's rules for registry names and aliases, checked with the spec rather than after training
     @field_validator("registered_model_name")

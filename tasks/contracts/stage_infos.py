@@ -92,6 +92,7 @@ class EvaluateInfo(StageInfo):
 
 class ExportInfo(StageInfo):
     model_dir: str  # relative to the stage's output
+    gguf_file: str | None = None  # relative to model_dir, with export.formats: [safetensors, gguf]
     registered_model: str | None = None  # set once registered in MLflow
     version: str | None = None
     alias: str | None = None

@@ -68,6 +68,9 @@ class ExportJob(WorkerConfig):
     trust_remote_code: bool
     max_shard_size: str
     logits_rtol: float
+    formats: list[Literal["safetensors", "gguf"]]
+    gguf_type: str
+    gguf_name: str  # the GGUF file's name without its type: the spec's name
     output_dir: str
 
 

@@ -126,6 +126,10 @@ class ExportChecked(Event):
     reloaded_logits_rel_diff: float
     logits_scale: float  # the largest |logit| of the adapter model on the check prompts
     shards: int
+    gguf_file: str | None = None  # export.formats with gguf: the file's name inside model/
+    gguf_logits_rel_diff: float | None = None  # the GGUF's logits against the merged model's
+    gguf_logits_rtol: float | None = None  # what its type is allowed (tasks/components/gguf_writer.py)
+    gguf_size_mb: float | None = None
 
 
 class BenchTrlDone(Event):

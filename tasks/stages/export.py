@@ -19,11 +19,14 @@ from tasks.contracts.stage_infos import EvaluateInfo, ExportInfo, ModelInfo, Tem
 from tasks.contracts.worker_configs import ExportJob
 from tasks.contracts.worker_events import ExportChecked
 from tasks.runtime.code_version import code_version
+from tasks.runtime.mlflow_model import write_mlmodel
 from tasks.runtime.model_registry import register_model
 from tasks.runtime.prefect_artifacts import publish_export_summary
 from tasks.runtime.stage_output import Manifest, StageContext, StageResult, point_link, run_stage
 from tasks.runtime.tracking import StageRun
 from tasks.stages.materialize_model import base_model_path
+
+EXPORT_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "mlflow")
 
 
 def model_card(name: str, lineage: dict[str, Any], metrics: dict[str, float]) -> str:
@@ -51,8 +54,9 @@ Fine-tuned with tunefactory ({lineage["finetuning_type"]}) from `{lineage["base_
 |---|---|
 {scores}
 
-Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)`, or chat with
-`tunefactory chat <this directory>`.
+Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)` or
+`mlflow.pyfunc.load_model(<this directory>)`, serve it with `tunefactory api <this directory>`,
+or chat with `tunefactory chat <this directory>`.
 """
 
 
@@ -67,11 +71,17 @@ def _build(
 ) -> StageResult:
     logger = get_run_logger()
     events = run_worker("tasks.workers.export", job, out / "export_config.json", on_output=logger.info)
-    checks = final(events, ExportChecked).model_dump(exclude={"type"})
+    checked = final(events, ExportChecked)
+    checks = checked.model_dump(exclude={"type", "gguf_file"}, exclude_none=True)
     (out / "model" / "README.md").write_text(model_card(name, lineage, eval_metrics), encoding="utf-8")
     (out / "model" / "lineage.json").write_text(json.dumps(lineage, indent=2))
+    write_mlmodel(out / "model")  # the directory, and so the registry version, is an MLflow pyfunc model
     size = sum(p.stat().st_size for p in (out / "model").iterdir())
-    return StageResult(metrics={**checks, "model_size_mb": size / 1e6}, info=ExportInfo(model_dir="model"))
+    if checked.gguf_file:
+        size -= (out / "model" / checked.gguf_file).stat().st_size  # model_size_mb: the safetensors export
+        logger.info("GGUF %s: logits within %.1e of the merged model", checked.gguf_file, checked.gguf_logits_rel_diff)
+    info = ExportInfo(model_dir="model", gguf_file=checked.gguf_file)
+    return StageResult(metrics={**checks, "model_size_mb": size / 1e6}, info=info)
 
 
 @task(name="merge-and-export", task_run_name="merge and export")
@@ -98,7 +108,8 @@ def merge_and_export(
     }
     # the worker's config; its output directory is the stage's, known once the stage runs
     job = dict(
-        **config.model_dump(include={"max_shard_size", "logits_rtol"}),
+        **config.model_dump(include={"max_shard_size", "logits_rtol", "formats", "gguf_type"}),
+        gguf_name=name,
         model_path=str(base_model_path(base_model)),
         weights=train.weights,
         trust_remote_code=base.trust_remote_code,
@@ -108,7 +119,7 @@ def merge_and_export(
         "export",
         {**config.model_dump(mode="json"), "name": name},
         [trained, base_model],
-        code_version(__name__, ("tasks.workers.export",), ("torch", "transformers", "peft", "safetensors")),
+        code_version(__name__, ("tasks.workers.export",), EXPORT_LIBRARIES),
         ctx,
         lambda out, run: _build(config, ExportJob(**job, output_dir=str(out)), name, lineage, eval_metrics, out, run),
     )

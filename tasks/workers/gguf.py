@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tasks.components.gguf_check import alone
 from tasks.contracts.child_process import worker_entry
 from tasks.contracts.worker_configs import ConvertJob
 
@@ -21,8 +22,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with alone(gguf) as directory:  # not mixed with the files beside it (an export's own)
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf.name, dtype=torch.float32)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config

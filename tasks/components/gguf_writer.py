@@ -1,0 +1,121 @@
+"""A merged model directory written as one GGUF file (llama.cpp, Ollama, LM Studio), without a
+llama.cpp build: the `gguf` package's writer, tensor-name map and vocabulary readers.
+
+Llama-family models only (llama, and mistral, which llama.cpp writes the same way). Their q and k projections
+are stored permuted, as llama.cpp's converter stores them (transformers undoes that when it
+reads a GGUF). Weight matrices take the chosen type; norms stay f32. The tokenizer (GPT-2 style
+BPE from tokenizer.json), its merges, special tokens and chat template go into the file's
+metadata, so the file alone is a model: transformers loads it with `gguf_file=`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, GGUF_TYPES
+
+# the largest logit difference against the model written, as a share of its largest logit, that each
+# type may show on the check's prompts; measured on the tiny test model: f32 0, f16 3.0e-4, bf16 2.4e-3,
+# q8_0 9.2e-3 (docs/using-the-model.md)
+LOGITS_RTOL = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
+
+
+class GGUFError(ValueError):
+    """A model the GGUF writer does not map; the message names what it found."""
+
+
+def _permuted(weight: np.ndarray, heads: int) -> np.ndarray:
+    # llama.cpp's rotary layout: each head's two halves interleaved
+    return (
+        weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    )
+
+
+def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict) -> None:
+    heads = config["num_attention_heads"]
+    rope = config.get("rope_theta") or (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_rope_freq_base(rope)
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_vocab_size(config["vocab_size"])
+
+
+def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> None:
+    try:
+        vocab = gguf.vocab.BpeVocab(model_dir)
+    except FileNotFoundError:
+        raise GGUFError(f"{model_dir}: the GGUF writer maps GPT-2 style BPE tokenizers (tokenizer.json) only") from None
+    tokens, scores, kinds = zip(*vocab.all_tokens(), strict=True)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(list(tokens))
+    writer.add_token_scores(list(scores))
+    writer.add_token_types(list(kinds))
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+def check_architecture(model_type: str | None, where: str) -> None:
+    if model_type not in GGUF_ARCHITECTURES:
+        raise GGUFError(f"{where}: model_type {model_type!r}; the GGUF writer maps {', '.join(GGUF_ARCHITECTURES)}")
+
+
+def check_type(gguf_type: str, where: str) -> None:
+    if gguf_type not in GGUF_TYPES:
+        raise GGUFError(f"{where} {gguf_type!r}: one of {', '.join(GGUF_TYPES)}")
+
+
+def architecture(model_dir: Path) -> str:
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    check_architecture(model_type, str(model_dir))
+    return model_type
+
+
+def write_gguf(model_dir: Path, target: Path, gguf_type: str = "f16") -> Path:
+    """Write `model_dir` (safetensors, as the export writes it) to `target` as one GGUF file."""
+    from safetensors.torch import load_file  # torch: only where a file is written (the CLI imports GGUFError)
+
+    model_dir = Path(model_dir)
+    check_type(gguf_type, "gguf_type")
+    model_type, config = architecture(model_dir), json.loads((model_dir / "config.json").read_text())
+    arch = gguf.MODEL_ARCH.LLAMA  # llama.cpp reads mistral's tensors under llama's names
+    weight_kind = gguf.GGMLQuantizationType[gguf_type.upper()]
+    writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[arch])
+    writer.add_name(model_dir.name)
+    _add_hyperparameters(writer, config)
+    _add_tokenizer(writer, model_dir)
+    names = gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    for shard in sorted(model_dir.glob("*.safetensors")):
+        for name, tensor in load_file(shard).items():
+            gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise GGUFError(f"{shard}: tensor {name} has no GGUF name for {model_type}")
+            data = tensor.float().numpy()  # bf16 has no numpy type
+            if name.endswith("q_proj.weight"):
+                data = _permuted(data, heads)
+            elif name.endswith("k_proj.weight"):
+                data = _permuted(data, kv_heads)
+            kind = weight_kind if data.ndim == 2 else gguf.GGMLQuantizationType.F32
+            if kind == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(gguf_name, data)
+            elif kind == gguf.GGMLQuantizationType.F16:
+                writer.add_tensor(gguf_name, data.astype(np.float16))
+            else:
+                packed = gguf.quants.quantize(data, kind)
+                writer.add_tensor(gguf_name, packed, raw_shape=packed.shape, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return target

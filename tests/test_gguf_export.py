@@ -1,0 +1,49 @@
+"""`tunefactory gguf`: the tiny model written as GGUF, read back by transformers, logits checked."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from flows.cli import main
+from tasks.components.gguf_check import alone, logits_gap
+from tasks.components.gguf_writer import LOGITS_RTOL
+
+
+@pytest.mark.parametrize("gguf_type", ["f16", "q8_0"])
+def test_the_model_as_gguf_reloads_with_its_tokenizer_and_logits_within_the_types_tolerance(
+    tiny_model, tmp_path, capsys, gguf_type
+):
+    from transformers import AutoTokenizer
+
+    target = tmp_path / f"tiny-{gguf_type}.gguf"
+    assert main(["gguf", str(tiny_model), "--type", gguf_type, "--out", str(target)]) == 0
+    assert "logits within" in capsys.readouterr().out
+    assert {p.name for p in tmp_path.iterdir()} == {target.name, "Modelfile"}, "no partial file left"
+    gap = logits_gap(tiny_model, target)
+    assert 0 < gap <= LOGITS_RTOL[gguf_type]
+    original = AutoTokenizer.from_pretrained(tiny_model)
+    with alone(target) as directory:
+        written = AutoTokenizer.from_pretrained(directory, gguf_file=target.name)
+    text = "Who are you? 你是谁？ <|im_start|>"
+    assert written(text).input_ids == original(text).input_ids
+    assert written.chat_template == original.chat_template
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{target.name}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
+    f32_weights = (tiny_model / "model.safetensors").stat().st_size
+    # f16 half the f32 weights, q8_0 about a quarter, plus the tokenizer both carry (about 1.5 MB)
+    assert target.stat().st_size < f32_weights * {"f16": 0.7, "q8_0": 0.45}[gguf_type]
+
+
+def test_an_architecture_the_writer_does_not_map_and_an_unknown_type_are_refused(tiny_model, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model, other)
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    assert main(["gguf", str(other), "--out", str(tmp_path / "x.gguf")]) == 2
+    assert "model_type 'gpt2'; the GGUF writer maps llama, mistral" in capsys.readouterr().err
+    assert main(["gguf", str(tiny_model), "--type", "q4_k", "--out", str(tmp_path / "y.gguf")]) == 2
+    assert "--type 'q4_k': one of f16, bf16, q8_0, f32" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.gguf*")), "nothing written"
