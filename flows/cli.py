@@ -444,6 +444,7 @@ def parser() -> argparse.ArgumentParser:
     commands = main.add_subparsers(dest="command", required=True)
     _spec_commands(commands)
     _run_and_model_commands(commands)
+    _using_the_model_commands(commands)
     return main
 
 
@@ -489,7 +490,7 @@ def _spec_commands(commands) -> None:
 
 
 def _run_and_model_commands(commands) -> None:
-    """The commands about runs and models: compare, lineage, promote, ui, train-node, chat."""
+    """The commands about runs and registered models: compare, lineage, promote, ui, train-node."""
     compare = commands.add_parser("compare", help="compare pipeline runs: table (CSV, Markdown) and plot")
     compare.add_argument("spec", nargs="?", help="compare this spec's latest runs")
     compare.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=argparse.SUPPRESS)
@@ -523,6 +524,10 @@ def _run_and_model_commands(commands) -> None:
     node.add_argument("--node-rank", type=int, required=True, help="this machine's node number, 1 .. nnodes-1")
     node.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the train stage to start")
     node.set_defaults(handler=command_train_node)
+
+
+def _using_the_model_commands(commands) -> None:
+    """The commands that use a model: api, generate, gguf, chat."""
     api = commands.add_parser("api", help="an OpenAI-compatible endpoint over a model (transformers serve)")
     api.add_argument("model", help="export or adapter directory, or MODEL, MODEL/VERSION, MODEL@ALIAS of the registry")
     api.add_argument("--workspace", default="workspace", help="whose registry resolves MODEL@ALIAS")

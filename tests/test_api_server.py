@@ -77,8 +77,9 @@ def test_models_lists_the_one_served_model_and_health_needs_no_key(api, client):
 
 
 def test_a_chat_completion_answers_with_the_models_chat_template(client):
+    # named as a user names it, not by the served path /v1/models lists: the one model answers
     reply = client.chat.completions.create(
-        model=served_model(client), messages=[{"role": "user", "content": "Who are you?"}], max_tokens=6
+        model="self-cognition", messages=[{"role": "user", "content": "Who are you?"}], max_tokens=6
     )
     assert reply.choices[0].message.role == "assistant"
     assert isinstance(reply.choices[0].message.content, str)

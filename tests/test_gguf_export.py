@@ -47,3 +47,18 @@ def test_an_architecture_the_writer_does_not_map_and_an_unknown_type_are_refused
     assert main(["gguf", str(tiny_model), "--type", "q4_k", "--out", str(tmp_path / "y.gguf")]) == 2
     assert "--type 'q4_k': one of f16, bf16, q8_0, f32" in capsys.readouterr().err
     assert not list(tmp_path.glob("*.gguf*")), "nothing written"
+
+
+def test_a_file_that_reads_back_with_other_settings_is_refused_and_not_left(tiny_model, tmp_path, capsys, monkeypatch):
+    """A wrong rotary base moves q8_0's logits less than quantization may: the settings are compared too."""
+    import tasks.components.gguf_writer as writer
+
+    hyperparameters = writer._add_hyperparameters
+
+    def wrong_rope(gguf_writer, config):
+        hyperparameters(gguf_writer, {**config, "rope_parameters": {"rope_theta": 1234.0}, "rope_theta": 1234.0})
+
+    monkeypatch.setattr(writer, "_add_hyperparameters", wrong_rope)
+    assert main(["gguf", str(tiny_model), "--type", "q8_0", "--out", str(tmp_path / "tiny.gguf")]) == 2
+    assert "read back with other settings than the model's: rope_theta 1234.0 instead of" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == [], "neither the file, its partial copy nor a Modelfile"

@@ -19,9 +19,10 @@ import numpy as np
 from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, GGUF_TYPES
 
 # the largest logit difference against the model written, as a share of its largest logit, that each
-# type may show on the check's prompts; measured on the tiny test model: f32 0, f16 3.0e-4, bf16 2.4e-3,
-# q8_0 9.2e-3 (docs/using-the-model.md)
-LOGITS_RTOL = {"f32": 1e-5, "f16": 2e-3, "bf16": 1e-2, "q8_0": 3e-2}
+# type may show on the check's prompts (each prompt alone, no padding). Measured on SmolLM2-135M,
+# base / after the demo's LoRA merge: f16 8.7e-4 / 1.5e-3, bf16 5.0e-3 / 5.1e-3, q8_0 2.2e-2 / 2.8e-2;
+# a writer that forgot llama.cpp's q/k layout: 0.29 (docs/using-the-model.md)
+LOGITS_RTOL = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2}
 
 
 class GGUFError(ValueError):

@@ -2,11 +2,11 @@
 and so each registry version, a pyfunc model whose loader is this module.
 
     mlflow.pyfunc.load_model("models:/self-cognition@champion").predict(
-        {"messages": [[{"role": "user", "content": "Who are you?"}]]}
+        [{"messages": [{"role": "user", "content": "Who are you?"}]}]
     )
     mlflow models serve -m models:/self-cognition@champion --env-manager local
 
-Its input is a column `messages` (one conversation per row: role and content of each turn),
+Its input is rows with a column `messages` (a conversation: role and content of each turn),
 its output the assistant's next turn per row (greedy, through the model's chat template, as the
 evaluate stage answers). `max_new_tokens` is a parameter (default 256). Only the MLmodel file is
 written: the weights are the export's own files, which the registry holds by hard links.
@@ -65,10 +65,10 @@ class ChatModel:
 
 
 def _column(model_input: Any) -> list[Any]:
-    """The `messages` of each row, from a DataFrame (what pyfunc passes), a dict or a list of rows."""
+    """The `messages` of each row, from a DataFrame (what pyfunc passes), a list of rows or one row."""
     if hasattr(model_input, "to_dict"):
         model_input = model_input.to_dict(orient="list")
-    if isinstance(model_input, dict):
+    if isinstance(model_input, dict):  # to_dict's columns; a bare row was made one by pyfunc's schema
         return list(model_input["messages"])
     return [row["messages"] for row in model_input]
 

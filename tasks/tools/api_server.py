@@ -10,6 +10,8 @@ and the model's own chat template and generation config. tunefactory adds what i
   workspace's MLflow;
 - an API key (`--api-key`, or TUNEFACTORY_API_KEY): when set, every `/v1/` request must carry
   `Authorization: Bearer KEY`, or gets OpenAI's 401 error body;
+- any `model` a request names is the one model served (transformers serve would refuse all but
+  the model's path);
 - a port in use, or a reference that does not resolve, is a one-line message before any
   weights are loaded.
 
@@ -18,6 +20,7 @@ Loopback by default; Ctrl-C or SIGTERM stops it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import json
@@ -79,29 +82,67 @@ def merged_model(model_dir: Path, adapter: Path, into: Path) -> Path:
     return into
 
 
-class ApiKeyGuard:
-    """ASGI middleware: with a key set, a `/v1/` request without `Authorization: Bearer KEY` gets 401."""
+class OneModelGate:
+    """ASGI middleware in front of transformers serve, for what it lacks.
 
-    def __init__(self, app, api_key: str | None):
-        self.app, self.expected = app, f"Bearer {api_key}".encode() if api_key else None
+    - With a key set, a `/v1/` request without `Authorization: Bearer KEY` gets OpenAI's 401 body.
+    - transformers serve pinned to one model refuses any other `model` in a request (and names
+      it by its path); here the one model answers whatever a request names, as llama.cpp's
+      server does, so `"model": "self-cognition"` works.
+    """
+
+    def __init__(self, app, api_key: str | None, served: str):
+        self.app, self.served = app, served
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope, receive, send):
-        if self.expected and scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope.get("headers", [])).get(b"authorization", b"")
-            if not hmac.compare_digest(given, self.expected):
-                body = {
-                    "error": {
-                        "message": "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                        "type": "invalid_request_error",
-                        "param": None,
-                        "code": "invalid_api_key",
-                    }
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        given = dict(scope.get("headers", [])).get(b"authorization", b"")
+        if self.expected and not hmac.compare_digest(given, self.expected):
+            body = {
+                "error": {
+                    "message": "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
                 }
-                headers = [(b"content-type", b"application/json")]
-                await send({"type": "http.response.start", "status": 401, "headers": headers})
-                await send({"type": "http.response.body", "body": json.dumps(body).encode()})
-                return
-        await self.app(scope, receive, send)
+            }
+            headers = [(b"content-type", b"application/json")]
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+            return None
+        if scope["method"] == "POST":
+            receive = await self._with_served_model(receive)
+        return await self.app(scope, receive, send)
+
+    async def _with_served_model(self, receive):
+        chunks, message = [], {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: hand that on
+                return _replay([message])
+            chunks.append(message.get("body", b""))
+        body = b"".join(chunks)
+        try:
+            request = json.loads(body)
+        except ValueError:  # not JSON: transformers' server answers it
+            request = None
+        if isinstance(request, dict) and "model" in request:
+            body = json.dumps({**request, "model": self.served}).encode()
+        return _replay([{"type": "http.request", "body": body, "more_body": False}])
+
+
+def _replay(messages: list[dict]):
+    """An ASGI receive that hands out `messages`, then waits as the server's own would."""
+    pending = list(messages)
+
+    async def receive():
+        if pending:
+            return pending.pop(0)
+        await asyncio.Event().wait()  # uvicorn's receive blocks until disconnect; so does this
+
+    return receive
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -114,13 +155,13 @@ def check_port_free(host: str, port: int) -> None:
 
 
 @contextlib.contextmanager
-def _guarded_uvicorn(api_key: str | None):
+def _gated_uvicorn(api_key: str | None, served: str):
     """transformers serve builds its app and hands it to `uvicorn.Config` in one call: the one
-    place to put the key check in front of every route, its own included."""
+    place to put the gate in front of every route, its own included."""
     import uvicorn
 
     config = uvicorn.Config
-    uvicorn.Config = lambda app, **options: config(ApiKeyGuard(app, api_key), **options)
+    uvicorn.Config = lambda app, **options: config(OneModelGate(app, api_key, served), **options)
     try:
         yield
     finally:
@@ -148,7 +189,7 @@ def serve_api(reference: str, workspace: Path, host: str = "127.0.0.1", port: in
         # there before: for SIGTERM too that is KeyboardInterrupt, so the merged copy is deleted
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            with _guarded_uvicorn(api_key):
+            with _gated_uvicorn(api_key, str(model_dir)):
                 # only the arguments every 5.x Serve takes: the rest of its Python API changes between releases
                 Serve(force_model=str(model_dir), host=host, port=port)
         except KeyboardInterrupt:

@@ -37,6 +37,19 @@ def gguf_refusal():
         raise WorkerError(f"export.formats: gguf: {exc}") from None
 
 
+def gguf_beside(out: Path, job: ExportJob) -> dict:
+    """The checked GGUF file of the saved export, in its directory; the ExportChecked fields about it."""
+    target = out / f"{job.gguf_name}-{job.gguf_type}.gguf"
+    with gguf_refusal():
+        gap = write_checked_gguf(out, target, job.gguf_type)
+    return dict(
+        gguf_file=target.name,
+        gguf_logits_rel_diff=gap,
+        gguf_logits_rtol=LOGITS_RTOL[job.gguf_type],
+        gguf_size_mb=target.stat().st_size / 1e6,
+    )
+
+
 @torch.no_grad()
 def logits_for(model, batch) -> torch.Tensor:
     return model(**batch).logits.float()
@@ -88,17 +101,7 @@ def export(job: ExportJob) -> None:
             f"{reloaded_gap.relative:.1e} of the largest logit; export.logits_rtol is {job.logits_rtol:.0e}"
         )
     shards = sorted(p.name for p in out.glob("*.safetensors"))
-    gguf = {}
-    if "gguf" in job.formats:
-        target = out / f"{job.gguf_name}-{job.gguf_type}.gguf"
-        with gguf_refusal():
-            gap = write_checked_gguf(out, target, job.gguf_type)
-        gguf = dict(
-            gguf_file=target.name,
-            gguf_logits_rel_diff=gap,
-            gguf_logits_rtol=LOGITS_RTOL[job.gguf_type],
-            gguf_size_mb=target.stat().st_size / 1e6,
-        )
+    gguf = gguf_beside(out, job) if "gguf" in job.formats else {}
     emit(
         ExportChecked(
             merged_logits_max_diff=merged.absolute,
