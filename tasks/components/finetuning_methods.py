@@ -4,7 +4,7 @@
     freeze  the last (or first) N decoder layers, optionally only some of their modules, plus
             any named extra modules; everything else frozen
     lora    low-rank adapters on a frozen base (DoRA and rsLoRA switches)
-    qlora   the same adapters on a base loaded in 4-bit NF4 or 8-bit by bitsandbytes (CUDA only)
+    qlora   the same adapters on a base loaded in 4-bit NF4 or 8-bit by bitsandbytes (GPU or CPU)
 
 `trainable_model(config, device)` loads the model a stage starts from (its `start` weights:
 a model directory and the adapters of earlier stages, merged in) and applies the method.
@@ -65,7 +65,9 @@ def merged_start(start: Weights, out: Path, trust_remote_code: bool) -> str:
     return str(directory)
 
 
-def quantization(config: TrainJob) -> dict[str, Any]:
+def quantization(config: TrainJob, device: torch.device) -> dict[str, Any]:
+    """bitsandbytes' load settings: on a GPU, bf16 compute; on a CPU (bitsandbytes 0.50 quantizes and
+    trains there too), fp32 compute, which is what the CPU computes fastest."""
     from transformers import BitsAndBytesConfig
 
     if config.lora.quantization_bit == 8:
@@ -75,9 +77,23 @@ def quantization(config: TrainJob) -> dict[str, Any]:
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_compute_dtype=qlora_dtype(device),
         )
-    return {"quantization_config": quantized, "device_map": {"": torch.cuda.current_device()}}
+    place = {"": torch.cuda.current_device()} if device.type == "cuda" else "cpu"
+    return {"quantization_config": quantized, "device_map": place}
+
+
+def qlora_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def quantized_modules(model: torch.nn.Module) -> int:
+    """How many linear layers bitsandbytes holds in 4 or 8 bits (by class, so bitsandbytes is not imported;
+    peft's LoRA wrappers around them share the class names, not the module)."""
+    return sum(
+        type(module).__module__.startswith("bitsandbytes") and type(module).__name__ in ("Linear4bit", "Linear8bitLt")
+        for module in model.modules()
+    )
 
 
 def trainable_model(
@@ -104,10 +120,8 @@ def trainable_model(
         # a quantized load and a reward head both need the start model as one directory
         model_dir, adapters = merged_start(start, Path(config.output_dir), remote_code), []
     if method == "qlora":
-        if not torch.cuda.is_available():
-            raise WorkerError("train.finetuning_type: qlora needs a CUDA GPU (bitsandbytes)")
-        extra.update(quantization(config))
-    dtype = torch.bfloat16 if method == "qlora" else frozen_dtype if method == "lora" else torch.float32
+        extra.update(quantization(config, device))
+    dtype = qlora_dtype(device) if method == "qlora" else frozen_dtype if method == "lora" else torch.float32
     model = load_model(model_dir, adapters, device, dtype, remote_code, True, model_class, **extra)
     if reward_head and model.config.pad_token_id is None:
         model.config.pad_token_id = config.pad_token_id

@@ -1,7 +1,7 @@
 """A merged model directory written as one GGUF file (llama.cpp, Ollama, LM Studio), without a
 llama.cpp build: the `gguf` package's writer, tensor-name map and vocabulary readers.
 
-Llama-family models only (llama, and mistral, which llama.cpp writes the same way). Their q and k projections
+Llama models (model_type llama: SmolLM2, Llama 2/3, TinyLlama, ...). Their q and k projections
 are stored permuted, as llama.cpp's converter stores them (transformers undoes that when it
 reads a GGUF). Weight matrices take the chosen type; norms stay f32. The tokenizer (GPT-2 style
 BPE from tokenizer.json), its merges, special tokens and chat template go into the file's
@@ -88,7 +88,7 @@ def write_gguf(model_dir: Path, target: Path, gguf_type: str = "f16") -> Path:
     model_dir = Path(model_dir)
     check_type(gguf_type, "gguf_type")
     model_type, config = architecture(model_dir), json.loads((model_dir / "config.json").read_text())
-    arch = gguf.MODEL_ARCH.LLAMA  # llama.cpp reads mistral's tensors under llama's names
+    arch = gguf.MODEL_ARCH.LLAMA
     weight_kind = gguf.GGMLQuantizationType[gguf_type.upper()]
     writer = gguf.GGUFWriter(str(target), gguf.MODEL_ARCH_NAMES[arch])
     writer.add_name(model_dir.name)

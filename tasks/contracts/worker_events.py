@@ -59,6 +59,7 @@ class TrainingStarted(Event):
     examples: int
     compute_type: str
     device: str
+    quantized_modules: int = 0  # qlora: the linear layers bitsandbytes holds in 4 or 8 bits
     # what the spec's "auto" (None) became, where the loop decides it (pt and sft)
     attention: str | None = None
     packing: bool | None = None

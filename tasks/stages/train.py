@@ -110,6 +110,7 @@ class TrainingEvents:
             {
                 "trainable_params": event.trainable_params,
                 "total_params": event.total_params,
+                "quantized_modules": event.quantized_modules,
                 "resolved_compute_type": event.compute_type,
                 "device": event.device,
                 **{f"resolved_{k}": v for k, v in resolved.items()},

@@ -35,7 +35,7 @@ from tasks.components.distributed_engines import (
     make_engine,
     start_process_group,
 )
-from tasks.components.finetuning_methods import trainable_model
+from tasks.components.finetuning_methods import quantized_modules, trainable_model
 from tasks.components.modeling import attention_implementation, causal_lm, compute_setup
 from tasks.components.packing import packed_batch, padded_batch
 from tasks.components.training_outputs import (
@@ -200,6 +200,7 @@ class TrainingLoop:
         # counted before FSDP or ZeRO-3 split the weights across processes
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.total = sum(p.numel() for p in model.parameters())
+        self.quantized = quantized_modules(model)
         self.engine = make_engine(model, config, setup, self.world)
         ctx = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
         self.autocast = ctx
@@ -229,6 +230,7 @@ class TrainingLoop:
                 first_step=self.step,
                 trainable_params=self.trainable,
                 total_params=self.total,
+                quantized_modules=self.quantized,
                 examples=len(self.sequences),
                 compute_type=self.setup.name,
                 device=str(self.setup.device),

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tasks.components.finetuning_methods import trainable_model
+from tasks.components.finetuning_methods import quantized_modules, trainable_model
 from tasks.components.modeling import compute_setup, load_model
 from tasks.components.training_outputs import CHECKPOINTS, finish_training, newest_complete_checkpoint
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
@@ -233,6 +233,7 @@ def train(config: TrainJob) -> None:
     start = {
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "total_params": sum(p.numel() for p in model.parameters()),
+        "quantized_modules": quantized_modules(model),
         "examples": len(train_set),
         "compute_type": setup.name,
         "device": str(setup.device),
