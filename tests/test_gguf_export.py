@@ -30,6 +30,10 @@ def test_the_model_as_gguf_reloads_with_its_tokenizer_and_logits_within_the_type
     text = "Who are you? 你是谁？ <|im_start|>"
     assert written(text).input_ids == original(text).input_ids
     assert written.chat_template == original.chat_template
+    from gguf import GGUFReader
+
+    pre = GGUFReader(target).fields["tokenizer.ggml.pre"]
+    assert bytes(pre.parts[pre.data[0]]).decode() == "gpt2", "llama.cpp splits text as the tokenizer does"
     modelfile = (tmp_path / "Modelfile").read_text()
     assert modelfile.startswith(f"FROM ./{target.name}\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
     f32_weights = (tiny_model / "model.safetensors").stat().st_size
@@ -62,3 +66,31 @@ def test_a_file_that_reads_back_with_other_settings_is_refused_and_not_left(tiny
     assert main(["gguf", str(tiny_model), "--type", "q8_0", "--out", str(tmp_path / "tiny.gguf")]) == 2
     assert "read back with other settings than the model's: rope_theta 1234.0 instead of" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == [], "neither the file, its partial copy nor a Modelfile"
+
+
+@pytest.mark.parametrize(
+    "pre_tokenizer, name",
+    [
+        ({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}, "gpt2"),
+        (
+            {
+                "type": "Sequence",
+                "pretokenizers": [
+                    {"type": "Digits", "individual_digits": True},
+                    {"type": "ByteLevel", "use_regex": True},
+                ],
+            },
+            "smollm",
+        ),  # fmt: skip
+        ({"type": "Metaspace", "replacement": "_"}, None),
+    ],
+)
+def test_the_pretokenizer_is_named_as_llama_cpp_names_it_or_refused(tmp_path, pre_tokenizer, name):
+    from tasks.components.gguf_writer import GGUFError, pretokenizer_name
+
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"pre_tokenizer": pre_tokenizer}))
+    if name is None:
+        with pytest.raises(GGUFError, match="tokenizer.json splits text with Metaspace; the GGUF writer knows"):
+            pretokenizer_name(tmp_path)
+    else:
+        assert pretokenizer_name(tmp_path) == name

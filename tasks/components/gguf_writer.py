@@ -1,11 +1,12 @@
 """A merged model directory written as one GGUF file (llama.cpp, Ollama, LM Studio), without a
 llama.cpp build: the `gguf` package's writer, tensor-name map and vocabulary readers.
 
-Llama models (model_type llama: SmolLM2, Llama 2/3, TinyLlama, ...). Their q and k projections
+Models of model_type llama (checked on SmolLM2 and the tests' tiny Llama). Their q and k projections
 are stored permuted, as llama.cpp's converter stores them (transformers undoes that when it
 reads a GGUF). Weight matrices take the chosen type; norms stay f32. The tokenizer (GPT-2 style
 BPE from tokenizer.json), its merges, special tokens and chat template go into the file's
-metadata, so the file alone is a model: transformers loads it with `gguf_file=`.
+metadata, so the file alone is a model: transformers loads it with `gguf_file=`; the
+pre-tokenizer is named as llama.cpp names the split in tokenizer.json (`pretokenizer_name`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> None:
         raise GGUFError(f"{model_dir}: the GGUF writer maps GPT-2 style BPE tokenizers (tokenizer.json) only") from None
     tokens, scores, kinds = zip(*vocab.all_tokens(), strict=True)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pretokenizer_name(model_dir))
     writer.add_token_list(list(tokens))
     writer.add_token_scores(list(scores))
     writer.add_token_types(list(kinds))
@@ -73,6 +74,25 @@ def check_architecture(model_type: str | None, where: str) -> None:
 def check_type(gguf_type: str, where: str) -> None:
     if gguf_type not in GGUF_TYPES:
         raise GGUFError(f"{where} {gguf_type!r}: one of {', '.join(GGUF_TYPES)}")
+
+
+def pretokenizer_name(model_dir: Path) -> str:
+    """llama.cpp's name for how the tokenizer splits text before BPE (`tokenizer.ggml.pre`).
+
+    llama.cpp applies the split that name stands for, not the one in tokenizer.json, so a wrong
+    name tokenizes digits and punctuation differently there (transformers reads it either way).
+    """
+    pre = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [part.get("type") for part in parts]
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"  # GPT-2's regex: what transformers' own GGUF reader gives SmolLM2, and so our exports
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"  # every digit alone, then GPT-2's regex: SmolLM's tokenizer.json
+    raise GGUFError(
+        f"{model_dir}: tokenizer.json splits text with {' + '.join(map(str, kinds)) or 'nothing'}; the GGUF writer "
+        "knows GPT-2's byte-level split and SmolLM's (digits, then byte-level)"
+    )
 
 
 def architecture(model_dir: Path) -> str:
