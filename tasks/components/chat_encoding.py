@@ -11,7 +11,9 @@ turn and each answer as the template closes it, as text columns with token count
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 IGNORE_INDEX = -100  # the label of a token without loss: PyTorch's cross-entropy skips it
@@ -221,3 +223,15 @@ def render_for_trl(
         stats["tokens"] += sum(lengths)
         stats["truncated"] += max(lengths) > cutoff_len
     return columns, stats
+
+
+def directory_chat_template(directory: Path) -> str | None:
+    """The chat template a model directory's tokenizer renders with, read without loading it:
+    `chat_template.jinja` (what transformers 5 saves), else tokenizer_config.json's entry."""
+    directory = Path(directory)
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    if (directory / "tokenizer_config.json").is_file():
+        template = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")
+        return template if isinstance(template, str) else None
+    return None

@@ -9,12 +9,12 @@ Used by `tunefactory gguf` (tasks/tools/gguf_export.py) and the export stage's w
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import tempfile
 from pathlib import Path
 
+from tasks.components.chat_encoding import directory_chat_template
 from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, write_gguf
 
 CHECK_PROMPTS = ["Who are you?", "Write one sentence about the sea.", "1 + 1 ="]
@@ -90,11 +90,7 @@ def logits_gap(reference_dir: Path, gguf_file: Path) -> float:
 
 
 def modelfile(gguf_file: Path, model_dir: Path) -> str:
-    config = json.loads((model_dir / "tokenizer_config.json").read_text())
-    template = config.get("chat_template") or ""
-    template_file = model_dir / "chat_template.jinja"
-    if not template and template_file.exists():
-        template = template_file.read_text()
+    template = directory_chat_template(model_dir) or ""
     lines = [f"FROM ./{gguf_file.name}"]
     if "<|im_start|>" in template:
         lines += [f'TEMPLATE """{CHATML}"""', 'PARAMETER stop "<|im_end|>"']

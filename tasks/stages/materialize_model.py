@@ -16,6 +16,7 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from tasks.components.chat_encoding import directory_chat_template
 from tasks.contracts.child_process import run_worker
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
@@ -106,13 +107,7 @@ def model_chat_template(name_or_path: str) -> str | None:
     """The chat template a model source comes with, read without loading it (None: not known before stage one)."""
     if (gguf := gguf_source(name_or_path)) is not None:
         return _gguf_text(gguf, "tokenizer.chat_template")
-    local = Path(name_or_path).expanduser()
-    if (local / "chat_template.jinja").is_file():
-        return (local / "chat_template.jinja").read_text(encoding="utf-8")
-    if (local / "tokenizer_config.json").is_file():
-        template = json.loads((local / "tokenizer_config.json").read_text()).get("chat_template")
-        return template if isinstance(template, str) else None
-    return None
+    return directory_chat_template(Path(name_or_path).expanduser())
 
 
 def local_content_digest(directory: Path, cache: Path) -> str:
