@@ -37,10 +37,11 @@ EXIT_USER_ERROR = 2
 def check_inputs(spec: PipelineSpec) -> None:
     """Read the model source, every dataset's first rows and the evaluation sets the spec names,
     so that mistakes surface before stage one (the template stage reads every row)."""
+    from tasks.components.benchmarks import check_benchmarks
     from tasks.components.chat_encoding import template_supports_tools
     from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, STAGE_DATA
     from tasks.dataset.registry import DataError
-    from tasks.stages.evaluate import eval_prompts
+    from tasks.stages.evaluate import eval_sets
     from tasks.stages.materialize_model import model_chat_template, model_type_of, source_fingerprint
     from tasks.stages.template_dataset import peek_examples
 
@@ -72,9 +73,10 @@ def check_inputs(spec: PipelineSpec) -> None:
                     f"{key}: the data holds tools or function calls, and {which} cannot render them; "
                     "set model.chat_template: chatml_tools (or a .jinja file that renders tools and tool_calls)"
                 )
-    # read as the evaluate stage reads them, so a bad row stops the run here, not after training
-    eval_prompts(spec.evaluate.identity_prompts, spec.dataset.registry, spec.dataset.template_vars, ("reference",))
-    eval_prompts(spec.evaluate.control_prompts, spec.dataset.registry, spec.dataset.template_vars, ("answers",))
+    # read as the evaluate stage reads them, so a bad row, pattern, benchmark file or task name
+    # stops the run here, not after training
+    eval_sets(spec.evaluate, spec.dataset.registry, spec.dataset.template_vars)
+    check_benchmarks(spec.evaluate.benchmarks)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -138,17 +140,24 @@ def table(rows: list[list[str]], header: list[str]) -> str:
 
 def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
     """The end-of-run report: stages, evaluation before and after, where the model and runs are."""
+    from tasks.components.intervals import interval_text, is_headline
+
     stages = result["stages"]
     rows = [
         [name, "completed", "reused" if m["reused"] else "ran", f"{m['elapsed_s']:.1f}s"] for name, m in stages.items()
     ]
     parts = ["Stages", table(rows, ["stage", "status", "ran/reused", "duration"])]
     metrics = stages.get("evaluate", {}).get("metrics", {})
-    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_"))})
+    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_")) and is_headline(k)})
     if names:
-        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        rows = [[n, fmt(metrics.get(f"base_{n}")), fmt(metrics.get(f"tuned_{n}"))] for n in names]
-        parts += ["", "Evaluation (before -> after)", table(rows, ["metric", "base", "tuned"])]
+
+        def cell(key: str) -> str:
+            interval = interval_text(metrics, key)
+            return "-" if key not in metrics else f"{metrics[key]:.3f}" + (f" {interval}" if interval else "")
+
+        rows = [[n, cell(f"base_{n}"), cell(f"tuned_{n}")] for n in names]
+        header = ["metric", "base [95% interval] n", "tuned [95% interval] n"]
+        parts += ["", "Evaluation (before -> after)", table(rows, header)]
     export = stages.get("export")
     if export:
         info = ExportInfo.model_validate(export["info"])
@@ -360,7 +369,9 @@ def command_lineage(args: argparse.Namespace) -> int:
 def command_promote(args: argparse.Namespace) -> int:
     from tasks.runtime.model_registry import CHAMPION, promote
 
-    version, reasons = promote(registry_client(args.workspace), args.model, force=args.force)
+    metrics = [m for m in (args.metrics or "").split(",") if m.strip()] or None
+    client = registry_client(args.workspace)
+    version, reasons = promote(client, args.model, force=args.force, metrics=metrics, margin=args.margin)
     print(f"tunefactory: {version.name} version {version.version} is now @{CHAMPION}")
     print("\n".join(f"  {reason}" for reason in reasons))
     return 0
@@ -501,7 +512,7 @@ def _run_and_model_commands(commands) -> None:
     compare.set_defaults(handler=command_compare)
     for name, help_text, handler in (
         ("lineage", "trace a registered model back to its runs, data and base model", command_lineage),
-        ("promote", "move @champion to a model version if it evaluates at least as well", command_promote),
+        ("promote", "move @champion to a model version unless it evaluates worse beyond noise", command_promote),
     ):
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("model", help="MODEL (newest version), MODEL/VERSION or MODEL@ALIAS")
@@ -511,6 +522,14 @@ def _run_and_model_commands(commands) -> None:
             sub.add_argument("--json", action="store_true", help="print the lineage as JSON")
         else:
             sub.add_argument("--force", action="store_true", help="promote even if it evaluates worse")
+            sub.add_argument(
+                "--metrics", help="comma-separated metrics to gate on (default: the version's export.promotion_metrics)"
+            )
+            sub.add_argument(
+                "--margin",
+                type=float,
+                help="how much worse beyond noise a metric may be (default: export.promotion_margin)",
+            )
     ui = commands.add_parser("ui", help="start or stop the Prefect and MLflow servers of a workspace (loopback)")
     ui.add_argument("action", choices=["start", "stop"])
     ui.add_argument("--workspace", default="workspace")

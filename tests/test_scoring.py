@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.components.scoring import rouge_l, score_answers
-from tasks.contracts.worker_configs import EvalPrompt
+from tasks.components.scoring import rouge_l, score_sets
+from tasks.contracts.worker_configs import EvalPrompt, EvalSet
 
 
 def test_rouge_l_on_words_and_chinese_characters():
@@ -23,7 +23,11 @@ def test_score_answers_counts_hits_correctness_and_leaks():
     ]
     control = [EvalPrompt(prompt="2+2?", answers=["4", "four"]), EvalPrompt(prompt="capital?", answers=["paris"])]
     answers = ["I am nova, made by Acme Labs.", "我是一个助手", "It is four.", "Nova says: Lyon."]
-    scores = score_answers(identity, control, answers, {"name": "Nova", "author": "Acme Labs"})
+    sets = [
+        EvalSet(label="identity", scorer="identity", prompts=identity),
+        EvalSet(label="control", scorer="contains_any", prompts=control),
+    ]
+    scores = score_sets(sets, answers, {"name": "Nova", "author": "Acme Labs"})
     metrics = scores.metrics
     assert metrics["identity_hit_rate"] == 0.5
     assert metrics["identity_full_rate"] == 0.5

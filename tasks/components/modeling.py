@@ -4,8 +4,8 @@
 - `attention_implementation` picks the attention kernel the model is loaded with.
 - `load_model` reads a model directory, optionally with LoRA adapters on top (a chain of
   stages: every adapter but the last is merged in, the last stays switchable).
-- `supervised_loss` computes the loss only where labels are set, so the output head never
-  produces full-vocabulary logits for prompt and padding positions.
+- `supervised_loss` (and `example_losses`, per row) computes the loss only where labels are set,
+  so the output head never produces full-vocabulary logits for prompt and padding positions.
 """
 
 from __future__ import annotations
@@ -104,14 +104,16 @@ def attention_implementation(device: torch.device) -> str:
     return "sdpa"
 
 
-def supervised_loss(
+def token_losses(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     labels: torch.Tensor,
     position_ids: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """Summed cross-entropy over the supervised next-token positions, and their count.
+    reduction: str = "none",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy at each supervised next-token position (summed with reduction "sum"), and
+    where those positions are.
 
     attention_mask None: right padding, which causal attention never lets a real token see.
     position_ids restarting inside a row: packed examples, each attending only to itself
@@ -124,8 +126,29 @@ def supervised_loss(
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     logits = lm.lm_head(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return F.cross_entropy(logits.float(), targets[keep], reduction=reduction), keep
+
+
+def supervised_loss(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Summed cross-entropy over the supervised next-token positions, and their count."""
+    loss, keep = token_losses(model, input_ids, attention_mask, labels, position_ids, reduction="sum")
     return loss, int(keep.sum())
+
+
+def example_losses(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[list[float], list[int]]:
+    """`supervised_loss` per row of the batch: each example's summed loss and its token count."""
+    losses, keep = token_losses(model, input_ids, attention_mask, labels)
+    rows = torch.arange(keep.shape[0], device=keep.device).unsqueeze(1).expand_as(keep)[keep]
+    sums = torch.zeros(keep.shape[0], device=losses.device).index_add_(0, rows, losses)
+    return sums.tolist(), keep.sum(dim=1).tolist()
 
 
 def pad_batch(

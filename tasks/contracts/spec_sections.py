@@ -433,6 +433,39 @@ def qlora_unavailable() -> str | None:
     return None
 
 
+SCORERS = ("exact_match", "contains_any", "regex", "rouge_l")  # a user's set; tasks/components/scoring.py
+# labels the built-in sets take (their metrics keep the names promotion has always read)
+BUILT_IN_SET_LABELS = ("identity", "control")
+LABEL = re.compile(r"[a-z][a-z0-9_]{0,39}")
+
+
+class EvalSetSpec(Section):
+    dataset: str = Field(
+        description="Registered dataset of prompts with a reference: its prompt column, and 'answers' (a list) "
+        "or its response column (one text)."
+    )
+    scorer: Literal[SCORERS] = Field(
+        description="exact_match (the whole answer, normalized), contains_any (an accepted answer appears in it), "
+        "regex (the references are patterns, one must be found) or rouge_l (ROUGE-L F1 against the best reference)."
+    )
+    label: str | None = Field(
+        None, description="Prefix of the set's metrics, e.g. 'support' gives support_accuracy (default: the dataset)."
+    )
+
+    @property
+    def metric_label(self) -> str:
+        return self.label or re.sub(r"[^a-z0-9_]", "_", self.dataset.lower())
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, value: str | None) -> str | None:
+        if value is not None and not LABEL.fullmatch(value):
+            raise ValueError("a label is lowercase letters, digits and _, starting with a letter (at most 40)")
+        if value in BUILT_IN_SET_LABELS:
+            raise ValueError(f"{value!r} names a built-in set (evaluate.{value}_prompts)")
+        return value
+
+
 class EvaluateSpec(Section):
     identity_prompts: str | None = Field(
         "identity_eval",
@@ -444,9 +477,32 @@ class EvaluateSpec(Section):
         description="Registered dataset of general questions (prompt, answers) scored for "
         "correctness and for identity leaking into them; null to skip.",
     )
+    sets: list[EvalSetSpec] = Field(
+        default_factory=list,
+        description="Further evaluation sets of your own, each with its scorer, answered by both models.",
+    )
+    benchmarks: list[str] = Field(
+        default_factory=list,
+        description="lm-evaluation-harness tasks run on both models: the project's own (tunebench_gk, 120 "
+        "multiple-choice questions in English and Chinese), a multiple-choice .jsonl file of yours "
+        "(question, choices, answer), or any task name lm-eval knows (most need its dataset hub).",
+    )
+    benchmark_limit: int | None = Field(None, ge=1, description="At most this many questions per benchmark.")
+    benchmark_num_fewshot: int = Field(0, ge=0, description="Solved examples shown before each benchmark question.")
+    benchmark_batch_size: int = Field(16, ge=1, description="Benchmark requests scored together.")
     max_new_tokens: int = Field(48, ge=1, description="Tokens generated per evaluation prompt.")
     compare_base: bool = Field(True, description="Also answer every prompt with the base model.")
-    batch_size: int = Field(16, ge=1, description="Prompts generated together.")
+    batch_size: int = Field(32, ge=1, description="Prompts answered together, and validation examples scored together.")
+
+    @model_validator(mode="after")
+    def _distinct_labels(self) -> EvaluateSpec:
+        labels = [s.metric_label for s in self.sets]
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"two evaluation sets share the label {repeated[0]!r}: give one a label of its own")
+        if len(set(self.benchmarks)) < len(self.benchmarks):
+            raise ValueError("a benchmark is listed twice")
+        return self
 
 
 GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what tasks/components/gguf_writer.py writes
@@ -454,6 +510,9 @@ GGUF_TYPES = ("f16", "bf16", "q8_0", "f32")  # what tasks/components/gguf_writer
 # under llama's names, but transformers reads a llama file whose name says mistral as another
 # architecture, which its GGUF reader then does not know, so the check could not load it back
 GGUF_ARCHITECTURES = ("llama",)
+
+
+DEFAULT_GATE_METRICS = ("identity_hit_rate", "control_accuracy", "control_identity_leak", "val_loss")
 
 
 class ExportSpec(Section):
@@ -470,6 +529,15 @@ class ExportSpec(Section):
         None, description="Name in the MLflow Model Registry (default: the spec's name)."
     )
     alias: str = Field("candidate", description="Registry alias set on the new version.")
+    promotion_metrics: list[str] = Field(
+        list(DEFAULT_GATE_METRICS),
+        min_length=1,
+        description="The tuned model's metrics `tunefactory promote` gates on (a benchmark's: bench_<task>_acc); "
+        "a version worse beyond noise on any of them is refused.",
+    )
+    promotion_margin: float = Field(
+        0.0, ge=0, description="How much worse than the champion, beyond noise, a gated metric may still be."
+    )
     logits_rtol: float = Field(
         1e-4,
         gt=0,

@@ -28,11 +28,29 @@ class Weights(WorkerConfig):
 
 
 class EvalPrompt(WorkerConfig):
-    """An evaluation prompt, placeholders filled: with a reference answer (identity) or accepted answers (control)."""
+    """An evaluation prompt, placeholders filled: with a reference answer (identity) or accepted answers,
+    reference texts or patterns (the other scorers)."""
 
     prompt: str
     reference: str = ""
     answers: list[str] = Field(default_factory=list)
+
+
+class EvalSet(WorkerConfig):
+    """A registered evaluation set read for the worker: its metric prefix, scorer and prompts."""
+
+    label: str
+    scorer: str  # one of SCORERS (tasks/contracts/spec_sections.py)
+    prompts: list[EvalPrompt]
+
+
+class BenchmarkJob(WorkerConfig):
+    """lm-evaluation-harness tasks run on both models (tasks/components/benchmarks.py)."""
+
+    tasks: list[dict[str, Any]]  # name, and for a tunefactory benchmark file its path
+    limit: int | None
+    num_fewshot: int
+    batch_size: int
 
 
 class ConvertJob(WorkerConfig):
@@ -51,8 +69,8 @@ class EvaluateJob(WorkerConfig):
     compute_type: str
     dataset_dir: str  # the tokenized set: its val/ split gives the validation loss
     tokenized_digest: str
-    identity: list[EvalPrompt]
-    control: list[EvalPrompt]
+    sets: list[EvalSet]
+    benchmarks: BenchmarkJob | None
     template_vars: dict[str, str]
     max_new_tokens: int
     compare_base: bool

@@ -97,12 +97,12 @@ class ScoredAnswer(BaseModel):
     """One evaluation prompt, the model's answer and how it scored (tasks/components/scoring.py)."""
 
     model_config = ConfigDict(extra="forbid")
-    set: Literal["identity", "control"]
+    set: str  # the evaluation set's label: identity, control or a user's set
     prompt: str
     answer: str
-    identity: bool  # the answer names the assistant: a hit on the identity set, a leak on the control set
-    rouge_l: float | None = None  # identity set: against the reference answer
-    correct: bool | None = None  # control set: contains an accepted answer
+    identity: bool  # the answer names the assistant: a hit on the identity set, a leak on the others
+    rouge_l: float | None = None  # identity and rouge_l sets: against the reference answer
+    correct: bool | None = None  # exact_match, contains_any and regex sets
 
 
 class Scores(BaseModel):

@@ -2,7 +2,8 @@
 
 A version is named as `MODEL` (the newest), `MODEL/3` or `MODEL@champion`. Every version
 carries tags that make it comparable: the spec hash, the base model's digest, the digest of
-the evaluation set it was scored on and the tuned model's evaluation metrics.
+the evaluation set it was scored on, the tuned model's evaluation metrics with their sample
+sizes and standard errors, and the gate `promote` applies to it (metrics and margin).
 """
 
 from __future__ import annotations
@@ -10,19 +11,18 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from tasks.components.intervals import compare, is_headline
+from tasks.contracts.spec_sections import DEFAULT_GATE_METRICS
+
 CANDIDATE, CHAMPION = "candidate", "champion"
-# the metrics promotion compares: True where higher is better
-PROMOTION_METRICS = {
-    "tuned_identity_hit_rate": True,
-    "tuned_control_accuracy": True,
-    "tuned_control_identity_leak": False,
-    "tuned_val_loss": False,
-}
+# the tags a version carries for the gate `promote` applies (export.promotion_metrics, _margin)
+GATE_METRICS_TAG, GATE_MARGIN_TAG = "promotion_metrics", "promotion_margin"
 
 
 class RegistryError(ValueError):
@@ -106,47 +106,85 @@ def resolve_version(client: MlflowClient, reference: str) -> ModelVersion:
 
 
 def evaluation(version: ModelVersion) -> dict[str, float]:
-    return {k: float(version.tags[k]) for k in PROMOTION_METRICS if k in version.tags}
+    """The tuned model's metrics of a version, without the prefix: `tuned_val_loss` is `val_loss`."""
+    found = {}
+    for key, value in version.tags.items():
+        if key.startswith("tuned_"):
+            try:
+                found[key.removeprefix("tuned_")] = float(value)
+            except ValueError:
+                continue
+    return found
 
 
-def promotion_verdict(candidate: ModelVersion, champion: ModelVersion | None) -> tuple[bool, list[str]]:
-    """Whether `candidate` may become champion, with one line per reason."""
+class Gate(NamedTuple):
+    metrics: list[str]
+    margin: float
+
+    def describe(self) -> str:
+        return f"metrics {', '.join(self.metrics)}; margin {self.margin:g}"
+
+
+def version_gate(version: ModelVersion, metrics: list[str] | None = None, margin: float | None = None) -> Gate:
+    """The gate recorded on the version at export, with what the command line overrides."""
+    recorded = version.tags.get(GATE_METRICS_TAG)
+    chosen = metrics or (recorded.split(",") if recorded else list(DEFAULT_GATE_METRICS))
+    if margin is None:
+        margin = float(version.tags.get(GATE_MARGIN_TAG, 0.0))
+    return Gate([m.strip().removeprefix("tuned_") for m in chosen if m.strip()], margin)
+
+
+def promotion_verdict(candidate: ModelVersion, champion: ModelVersion | None, gate: Gate) -> tuple[bool, list[str]]:
+    """Whether `candidate` may become champion, with one line per gated metric.
+
+    Refused when it is worse than the champion beyond noise (and the margin) on any gated metric;
+    equal within noise is not worse (tasks/components/intervals.py says how noise is measured).
+    """
     if champion is None:
         return True, ["no champion yet"]
     if candidate.version == champion.version:
         return True, [f"version {candidate.version} is already the champion"]
-    reasons, ok = [], True
     ours, theirs = candidate.tags.get("eval_set_digest"), champion.tags.get("eval_set_digest")
     if not ours or ours != theirs:
         return False, [f"evaluated on another evaluation set ({ours} vs champion's {theirs}); not comparable"]
     new, old = evaluation(candidate), evaluation(champion)
-    for metric, higher_is_better in PROMOTION_METRICS.items():
+    reasons, ok = [], True
+    for metric in gate.metrics:
         if metric not in new or metric not in old:
             where = candidate.version if metric not in new else champion.version
-            return False, [f"{metric} is missing on version {where}"]
-        better_or_equal = new[metric] >= old[metric] if higher_is_better else new[metric] <= old[metric]
-        verdict = "as good or better" if better_or_equal else "worse"
-        reasons.append(f"{metric} {new[metric]:.3f} vs champion's {old[metric]:.3f}: {verdict}")
-        ok = ok and better_or_equal
+            known = ", ".join(sorted(filter(is_headline, new))) or "none"
+            return False, [f"{metric} is not a metric of version {where} (its metrics: {known})"]
+        worse, reason = compare(metric, new, old, gate.margin)
+        reasons.append(reason)
+        ok = ok and not worse
     return ok, reasons
 
 
-def promote(client: MlflowClient, reference: str, force: bool = False) -> tuple[ModelVersion, list[str]]:
-    """Move the `champion` alias to a version if it evaluates at least as well as the current one."""
+def promote(
+    client: MlflowClient, reference: str, force: bool = False, metrics: list[str] | None = None,
+    margin: float | None = None,
+) -> tuple[ModelVersion, list[str]]:  # fmt: skip
+    """Move the `champion` alias to a version unless it evaluates worse than the current one beyond
+    noise; the gate used and the verdict are recorded on the version."""
     candidate = resolve_version(client, reference)
     try:
         champion = client.get_model_version_by_alias(candidate.name, CHAMPION)
     except MlflowException:
         champion = None
-    ok, reasons = promotion_verdict(candidate, champion)
+    gate = version_gate(candidate, metrics, margin)
+    ok, reasons = promotion_verdict(candidate, champion, gate)
     if not ok and not force:
         raise RegistryError(
-            f"{candidate.name} version {candidate.version} not promoted: "
+            f"{candidate.name} version {candidate.version} not promoted ({gate.describe()}): "
             + "; ".join(reasons)
             + " (--force promotes it anyway)"
         )
     client.set_registered_model_alias(candidate.name, CHAMPION, candidate.version)
-    client.set_model_version_tag(
-        candidate.name, candidate.version, "promoted_over", champion.version if champion else ""
-    )
-    return candidate, reasons + (["forced"] if not ok else [])
+    record = {
+        "promoted_over": champion.version if champion else "",
+        "promoted_gate": gate.describe(),
+        "promoted_verdict": "; ".join(reasons + (["forced"] if not ok else []))[:5000],
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(candidate.name, candidate.version, key, value)
+    return candidate, [f"gate: {gate.describe()}", *reasons, *(["forced"] if not ok else [])]

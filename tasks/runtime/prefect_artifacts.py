@@ -20,6 +20,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from tasks.components.intervals import interval_text, is_headline
 from tasks.runtime.redaction import redact_uri
 
 
@@ -80,14 +81,24 @@ def publish_loss_curve(png: Path, history: list[dict[str, Any]]) -> None:
     create_markdown_artifact(markdown, key=artifact_key("loss-curve"), description="Training loss")
 
 
+def evaluation_markdown(metrics: dict[str, float]) -> str:
+    """Base and tuned side by side, each with its 95% interval and sample size where known."""
+    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_")) and is_headline(k)})
+
+    def cell(variant: str, name: str) -> str:
+        key = f"{variant}_{name}"
+        if key not in metrics:
+            return "-"
+        interval = interval_text(metrics, key)
+        return f"{metrics[key]:.3f}" + (f" {interval}" if interval else "")
+
+    lines = [f"| {n} | {cell('base', n)} | {cell('tuned', n)} |" for n in names]
+    return "| metric | base [95% interval] | tuned [95% interval] |\n|---|---|---|\n" + "\n".join(lines)
+
+
 def publish_evaluation(metrics: dict[str, float], answers: list[dict[str, object]]) -> None:
-    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_"))})
-    lines = [
-        f"| {n} | {metrics.get('base_' + n, float('nan')):.3f} | {metrics.get('tuned_' + n, float('nan')):.3f} |"
-        for n in names
-    ]
     create_markdown_artifact(
-        "| metric | base | tuned |\n|---|---|---|\n" + "\n".join(lines),
+        evaluation_markdown(metrics),
         key=artifact_key("evaluation"),
         description="Evaluation of the base and the fine-tuned model",
     )

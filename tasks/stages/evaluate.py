@@ -2,21 +2,27 @@
 
 Metrics, each for `tuned` and `base`: validation loss and perplexity; identity hit rate (the
 answer names the assistant or its author), full identity rate (both) and ROUGE-L on held-out
-identity questions; control-set accuracy and identity leak rate on general questions.
+identity questions; control-set accuracy and identity leak rate on general questions; the
+scores of the user's own sets (tasks/components/scoring.py) and of lm-eval benchmarks
+(tasks/components/benchmarks.py). Every metric carries its sample size `_n` and 95% interval
+`_low`/`_high` (tasks/components/intervals.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from tasks.components.benchmarks import check_benchmarks
+from tasks.components.intervals import estimate, is_headline, with_intervals
 from tasks.contracts.child_process import run_worker
-from tasks.contracts.spec_sections import EvaluateSpec
+from tasks.contracts.spec_sections import BUILT_IN_SET_LABELS, EvaluateSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ModelInfo, TokenizeInfo, TrainInfo
-from tasks.contracts.worker_configs import EvalPrompt, EvaluateJob
+from tasks.contracts.worker_configs import BenchmarkJob, EvalPrompt, EvalSet, EvaluateJob
 from tasks.contracts.worker_events import Evaluated, ScoredAnswer, Scores, WorkerEvent
 from tasks.dataset.registry import DataError, resolve_eval_set
 from tasks.dataset.rows import fill_placeholders
@@ -27,16 +33,20 @@ from tasks.runtime.stage_output import Manifest, StageContext, StageResult, run_
 from tasks.runtime.tracking import StageRun
 from tasks.stages.materialize_model import base_model_path
 
+EVALUATE_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "lm_eval")
+
 
 def eval_prompts(
-    name: str | None, registry: str | None, template_vars: dict[str, str], keep: tuple[str, ...]
+    name: str | None, registry: str | None, template_vars: dict[str, str], keep: str, scorer: str | None = None
 ) -> list[EvalPrompt]:
-    """Rows of an evaluation set with placeholders filled: prompt plus the fields in `keep`.
+    """Rows of an evaluation set with placeholders filled: the prompt, and per `keep` the
+    reference text ("reference"), the accepted answers ("answers"), or either of them as a list
+    ("references": `answers` when the row has it, else its response text).
 
     The set is looked up in the spec's registry, then in the project's (`resolve_eval_set`). Each
-    row is checked as it is read (`tunefactory run` reads both sets before stage one), since a
+    row is checked as it is read (`tunefactory run` reads every set before stage one), since a
     loose reading changes scores that promotion trusts: `"answers": "Paris"` taken as a list
-    would accept single letters.
+    would accept single letters, and a regex that does not compile would fail after training.
     """
     if name is None:
         return []
@@ -51,20 +61,52 @@ def eval_prompts(
         if not isinstance(prompt, str) or not prompt.strip():
             raise DataError(f"{where}: {prompt_key!r} must be the question as non-empty text, got {prompt!r}")
         item = {"prompt": fill_placeholders(prompt, template_vars, where)}
-        if "reference" in keep:
+        if keep == "reference":
             reference = row.get(reference_key, "")
             if not isinstance(reference, str):
                 raise DataError(f"{where}: {reference_key!r} (the reference answer) must be text, got {reference!r}")
             item["reference"] = fill_placeholders(reference, template_vars, where)
-        if "answers" in keep:
-            item["answers"] = accepted_answers(row.get("answers"), where)
+        elif keep == "answers" or "answers" in row:
+            item["answers"] = [
+                fill_placeholders(a, template_vars, where) for a in accepted_answers(row.get("answers"), where)
+            ]
+        else:
+            reference = row.get(reference_key)
+            if not isinstance(reference, str) or not reference.strip():
+                raise DataError(f"{where}: needs 'answers' (a list) or {reference_key!r} (the reference as text), "
+                                f"got {reference!r}")  # fmt: skip
+            item["answers"] = [fill_placeholders(reference, template_vars, where)]
+        if scorer == "regex":
+            for pattern in item["answers"]:
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise DataError(f"{where}: {pattern!r} is not a regular expression ({exc})") from None
         rows.append(EvalPrompt(**item))
     return rows
 
 
+def eval_sets(config: EvaluateSpec, registry: str | None, template_vars: dict[str, str]) -> list[EvalSet]:
+    """The sets both models answer: identity and control (when named), then the user's own."""
+    sets = []
+    if config.identity_prompts:
+        prompts = eval_prompts(config.identity_prompts, registry, template_vars, "reference")
+        sets.append(EvalSet(label="identity", scorer="identity", prompts=prompts))
+    if config.control_prompts:
+        prompts = eval_prompts(config.control_prompts, registry, template_vars, "answers")
+        sets.append(EvalSet(label="control", scorer="contains_any", prompts=prompts))
+    for spec in config.sets:
+        try:
+            prompts = eval_prompts(spec.dataset, registry, template_vars, "references", spec.scorer)
+        except DataError as exc:
+            raise DataError(f"evaluate.sets ({spec.dataset}): {exc}") from None
+        sets.append(EvalSet(label=spec.metric_label, scorer=spec.scorer, prompts=prompts))
+    return sets
+
+
 def accepted_answers(value: object, where: str) -> list[str]:
-    """A control question's accepted answers: a non-empty list of texts (a bare text or a number
-    is refused rather than guessed at)."""
+    """Accepted answers: a non-empty list of texts (a bare text or a number is refused rather
+    than guessed at)."""
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a.strip() for a in value):
         raise DataError(f"{where}: 'answers' must be a non-empty list of accepted answers as text, "
                         f'e.g. ["Paris"] or ["4", "four"]; got {value!r}')  # fmt: skip
@@ -80,20 +122,47 @@ def comparison_table(tuned: list[ScoredAnswer], base: list[ScoredAnswer] | None)
         if before is not None:
             row["base_answer"] = before.answer
         row["tuned_answer"] = after.answer
-        row["tuned_ok"] = after.identity if after.set == "identity" else after.correct
+        if after.set == "identity":
+            row["tuned_ok"] = after.identity
+        else:
+            row["tuned_ok"] = after.correct if after.correct is not None else after.rouge_l
         table.append(row)
     return table
 
 
+def file_sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def eval_set_digest(job: EvaluateJob) -> str:
-    """What makes scores comparable across models: the same prompts, references, answer length
-    and validation split (part of the tokenized data). Hashed as the rows were always written, so
-    the digests of versions evaluated before stay comparable."""
-    identity = [{"prompt": row.prompt, "reference": row.reference} for row in job.identity]
-    control = [{"prompt": row.prompt, "answers": row.answers} for row in job.control]
-    parts = [identity, control, job.max_new_tokens, job.tokenized_digest]
+    """What makes scores comparable across models: the same prompts, references, scorers, answer
+    length, benchmarks and validation split (part of the tokenized data). Identity and control
+    are hashed as their rows were always written, so versions evaluated on them alone before
+    keep comparable digests; other sets and benchmarks are added only when there are some."""
+    by_label = {s.label: s for s in job.sets}
+    identity = [{"prompt": r.prompt, "reference": r.reference} for r in by_label.get("identity", EMPTY).prompts]
+    control = [{"prompt": r.prompt, "answers": r.answers} for r in by_label.get("control", EMPTY).prompts]
+    parts: list[object] = [identity, control, job.max_new_tokens, job.tokenized_digest]
+    own = [s.model_dump() for s in job.sets if s.label not in BUILT_IN_SET_LABELS]
+    if own:
+        parts.append(own)
+    if job.benchmarks:
+        tasks = [{**t, "file": file_sha256(t["file"])} if t.get("file") else t for t in job.benchmarks.tasks]
+        parts.append({**job.benchmarks.model_dump(), "tasks": tasks})
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+EMPTY = EvalSet(label="", scorer="", prompts=[])
+
+
+def shown_metrics(metrics: dict[str, float]) -> str:
+    """`name=value [low, high]` for the log, intervals where the sample size is known."""
+    parts = []
+    for name in filter(is_headline, metrics):
+        found = estimate(metrics, name)
+        parts.append(f"{name}={metrics[name]:.3f}" + (f" [{found.low:.3f}, {found.high:.3f}]" if found else ""))
+    return ", ".join(parts)
 
 
 def _build(job: EvaluateJob, out: Path, run: StageRun) -> StageResult:
@@ -104,9 +173,8 @@ def _build(job: EvaluateJob, out: Path, run: StageRun) -> StageResult:
     def on_event(event: WorkerEvent) -> None:
         if isinstance(event, Evaluated):
             scores[event.variant] = event.scores
-            metrics.update({f"{event.variant}_{k}": v for k, v in event.scores.metrics.items()})
-            shown = ", ".join(f"{k}={v:.3f}" for k, v in event.scores.metrics.items())
-            logger.info("%s model: %s", event.variant, shown)
+            metrics.update({f"{event.variant}_{k}": v for k, v in with_intervals(event.scores.metrics).items()})
+            logger.info("%s model: %s", event.variant, shown_metrics(event.scores.metrics))
 
     run_worker("tasks.workers.evaluate", job, out / "evaluate_config.json", on_event, on_output=logger.info)
     base = scores.get("base")
@@ -117,6 +185,17 @@ def _build(job: EvaluateJob, out: Path, run: StageRun) -> StageResult:
     digest = eval_set_digest(job)
     run.set_tags({"eval_set_digest": digest})
     return StageResult(metrics=metrics, info=EvaluateInfo(eval_set_digest=digest))
+
+
+def benchmark_job(config: EvaluateSpec) -> BenchmarkJob | None:
+    if not config.benchmarks:
+        return None
+    return BenchmarkJob(
+        tasks=check_benchmarks(config.benchmarks),
+        limit=config.benchmark_limit,
+        num_fewshot=config.benchmark_num_fewshot,
+        batch_size=config.benchmark_batch_size,
+    )
 
 
 @task(name="evaluate", task_run_name="evaluate")
@@ -131,8 +210,8 @@ def evaluate_model(
     base_model: Manifest,
 ) -> Manifest:
     """Answer the evaluation prompts with the tuned and the base model and score both."""
-    identity = eval_prompts(config.identity_prompts, registry, template_vars, ("reference",))
-    control = eval_prompts(config.control_prompts, registry, template_vars, ("answers",))
+    sets = eval_sets(config, registry, template_vars)
+    benchmarks = benchmark_job(config)
     # the worker's config; its output directory is the stage's, known once the stage runs
     job = dict(
         **config.model_dump(include={"max_new_tokens", "compare_base", "batch_size"}),
@@ -140,24 +219,26 @@ def evaluate_model(
         tuned=TrainInfo.of(trained).weights,
         dataset_dir=str(tokenized.path),
         tokenized_digest=TokenizeInfo.of(tokenized).tokenized_digest,
-        identity=identity,
-        control=control,
+        sets=sets,
+        benchmarks=benchmarks,
         template_vars=template_vars,
         compute_type=compute_type,
         trust_remote_code=ModelInfo.of(base_model).trust_remote_code,
     )
-    sets = [resolve_eval_set(n, registry) for n in (config.identity_prompts, config.control_prompts) if n]
+    names = [config.identity_prompts, config.control_prompts, *(s.dataset for s in config.sets)]
+    files = [t["file"] for t in benchmarks.tasks if t.get("file")] if benchmarks else []
     key_config = {
         **config.model_dump(mode="json"),
         "template_vars": template_vars,
         "compute_type": compute_type,
-        "eval_sets": [source_record(entry)["sha256"] for entry in sets],
+        "eval_sets": [source_record(resolve_eval_set(n, registry))["sha256"] for n in names if n],
+        **({"benchmark_files": [file_sha256(f) for f in files]} if files else {}),
     }
     return run_stage(
         "evaluate",
         key_config,
         [trained, tokenized, base_model],
-        code_version(__name__, ("tasks.workers.evaluate",), ("torch", "transformers", "tokenizers", "peft")),
+        code_version(__name__, ("tasks.workers.evaluate",), EVALUATE_LIBRARIES),
         ctx,
         lambda out, run: _build(EvaluateJob(**job, output_dir=str(out)), out, run),
     )

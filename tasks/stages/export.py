@@ -13,6 +13,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
+from tasks.components.intervals import interval_text, is_headline
 from tasks.contracts.child_process import final, run_worker
 from tasks.contracts.spec_sections import ExportSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ExportInfo, ModelInfo, TemplateInfo, TrainInfo
@@ -20,7 +21,7 @@ from tasks.contracts.worker_configs import ExportJob
 from tasks.contracts.worker_events import ExportChecked
 from tasks.runtime.code_version import code_version
 from tasks.runtime.mlflow_model import write_mlmodel
-from tasks.runtime.model_registry import register_model
+from tasks.runtime.model_registry import GATE_MARGIN_TAG, GATE_METRICS_TAG, register_model
 from tasks.runtime.prefect_artifacts import publish_export_summary
 from tasks.runtime.stage_output import Manifest, StageContext, StageResult, point_link, run_stage
 from tasks.runtime.tracking import StageRun
@@ -32,7 +33,8 @@ EXPORT_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "mlf
 def model_card(name: str, lineage: dict[str, Any], metrics: dict[str, float]) -> str:
     sources = "\n".join(f"| {s['name']} | `{s['sha256'][:16]}` | {s['rows']} |" for s in lineage["datasets"])
     values = ", ".join(f"{k} = {v!r}" for k, v in lineage["template_vars"].items()) or "none"
-    scores = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(metrics.items()))
+    scores = "\n".join(f"| {k} | {v:.4g} | {interval_text(metrics, k)} |" for k, v in sorted(metrics.items())
+                       if is_headline(k))  # fmt: skip
     return f"""# {name}
 
 Fine-tuned with tunefactory ({lineage["finetuning_type"]}) from `{lineage["base_model"]}`.
@@ -50,8 +52,8 @@ Fine-tuned with tunefactory ({lineage["finetuning_type"]}) from `{lineage["base_
 
 ## Evaluation at export time
 
-| metric | value |
-|---|---|
+| metric | value | 95% interval (sample size) |
+|---|---|---|
 {scores}
 
 Load it with `AutoModelForCausalLM.from_pretrained(<this directory>)` or
@@ -117,7 +119,8 @@ def merge_and_export(
     eval_metrics = evaluated.metrics if evaluated else {}
     manifest = run_stage(
         "export",
-        {**config.model_dump(mode="json"), "name": name},
+        # the gate is a tag on the version, set below: changing it makes nothing again
+        {**config.model_dump(mode="json", exclude={"promotion_metrics", "promotion_margin"}), "name": name},
         [trained, base_model],
         code_version(__name__, ("tasks.workers.export",), EXPORT_LIBRARIES),
         ctx,
@@ -130,7 +133,9 @@ def merge_and_export(
         "spec_digest": spec_digest,
         "base_model_digest": lineage["base_model_digest"],
         "eval_set_digest": EvaluateInfo.of(evaluated).eval_set_digest if evaluated else "",
-        **{k: f"{v:.4f}" for k, v in eval_metrics.items() if k.startswith("tuned_")},
+        **{k: f"{v:.6g}" for k, v in eval_metrics.items() if k.startswith("tuned_")},
+        GATE_METRICS_TAG: ",".join(config.promotion_metrics),
+        GATE_MARGIN_TAG: f"{config.promotion_margin:g}",
     }
     tracking = ctx.tracking
     version = register_model(tracking.client(), manifest.mlflow_run_id, registered, config.alias, model_dir, tags)

@@ -98,7 +98,7 @@ def prepare_cpu_case(root: Path) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     columns, _ = tokenize_examples(tokenizer, train, tokenize.cutoff_len, tokenize.train_on_prompt)
     save_split(columns, root / "cpu-data" / "train")
-    identity = eval_prompts(evaluate.identity_prompts, data.registry, data.template_vars, ("reference",))
+    identity = eval_prompts(evaluate.identity_prompts, data.registry, data.template_vars, "reference")
     return {
         "model_dir": str(model_dir),
         "dataset_dir": str(root / "cpu-data"),
@@ -301,15 +301,16 @@ def identity_hit_rate(case: dict[str, Any], adapter: str) -> float:
 
     from tasks.components.generation import generate_answers, single_turns
     from tasks.components.modeling import load_model
-    from tasks.components.scoring import score_answers
-    from tasks.contracts.worker_configs import EvalPrompt
+    from tasks.components.scoring import score_set
+    from tasks.contracts.worker_configs import EvalPrompt, EvalSet
 
     tokenizer = AutoTokenizer.from_pretrained(case["model_dir"])
     model = load_model(case["model_dir"], [adapter]).eval()
     identity = [EvalPrompt(**row) for row in case["identity"]]
     prompts = single_turns([row.prompt for row in identity])
     answers = generate_answers(model, tokenizer, prompts, 48, 8, torch.device("cpu"))
-    return score_answers(identity, [], answers, case["template_vars"]).metrics["identity_hit_rate"]
+    identity_set = EvalSet(label="identity", scorer="identity", prompts=identity)
+    return score_set(identity_set, answers, case["template_vars"]).metrics["identity_hit_rate"]
 
 
 def bench_case(name: str, root: Path, epochs: float | None = None) -> dict[str, dict[str, Any]]:

@@ -14,15 +14,18 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from tasks.components.intervals import interval_text
 from tasks.runtime.tracking import PARENT_TAG, built_by
 
-# the headline metrics, in table order, with how a person reads them
+# the headline metrics, in table order, with how a person reads them; then every other set's and
+# benchmark's (`headline_metrics`)
 METRICS = {
     "tuned_identity_hit_rate": "identity hit rate",
     "tuned_control_accuracy": "control accuracy",
     "tuned_control_identity_leak": "identity leak",
     "tuned_val_loss": "val loss",
 }
+OTHER_SCORES = ("_accuracy", "_rouge_l", "_acc")  # a user's set or a benchmark, by how it is scored
 # spec keys that differ between runs without changing what is trained
 IGNORED_PARAMS = {"workspace", "dataset.preview_rows", "train.logging_steps", "train.checkpoint_name"}
 
@@ -73,15 +76,27 @@ def differing_params(runs: list[Run]) -> list[str]:
     return [k for k in keys if len({run.data.params.get(k) for run in runs}) > 1]
 
 
+def headline_metrics(runs: list[Run]) -> dict[str, str]:
+    """METRICS, then the tuned model's score on each further set and benchmark any run has."""
+    found = dict(METRICS)
+    for metric in sorted({key for run in runs for key in run.data.metrics}):
+        if metric.startswith("tuned_") and metric.endswith(OTHER_SCORES) and metric not in found:
+            found[metric] = metric.removeprefix("tuned_").replace("_", " ")
+    return found
+
+
 def comparison_table(client: MlflowClient, runs: list[Run]) -> pd.DataFrame:
-    """One row per run: the spec keys that differ, then the headline and training metrics."""
+    """One row per run: the spec keys that differ, then the headline metrics, each followed by its
+    95% interval and sample size where the run recorded them, then the training metrics."""
     columns = differing_params(runs)
     rows = []
     for run in runs:
         train = stage_of(client, run, "train")
         row: dict[str, Any] = {"run": run_label(run), "run_id": run.info.run_id}
         row.update({key: run.data.params.get(key) for key in columns})
-        row.update({name: run.data.metrics.get(metric) for metric, name in METRICS.items()})
+        for metric, name in headline_metrics(runs).items():
+            row[name] = run.data.metrics.get(metric)
+            row[f"{name} 95%"] = interval_text(run.data.metrics, metric) or None
         row["final train loss"] = train.data.metrics.get("final_loss") if train else None
         row["train seconds"] = train.data.metrics.get("train_seconds") if train else None
         rows.append(row)

@@ -2,8 +2,9 @@
 
 Launched by the evaluate task (tasks/stages/evaluate.py). For the fine-tuned model and, when asked,
 the base model it computes validation loss and perplexity, answers every evaluation prompt
-with greedy decoding, and scores the answers (tasks/components/scoring.py). Emits one `Evaluated`
-event per model and writes the same scores to `answers.json` for the user.
+with greedy decoding, scores the answers (tasks/components/scoring.py) and runs the lm-eval
+benchmarks (tasks/components/benchmarks.py). Emits one `Evaluated` event per model and writes the
+same scores to `answers.json` for the user.
 """
 
 from __future__ import annotations
@@ -15,65 +16,103 @@ from pathlib import Path
 
 import torch
 
+from tasks.components.benchmarks import run_benchmarks
 from tasks.components.generation import generate_answers, single_turns
-from tasks.components.modeling import compute_setup, load_model, pad_batch, supervised_loss
-from tasks.components.scoring import score_answers
+from tasks.components.modeling import compute_setup, example_losses, load_model, pad_batch
+from tasks.components.scoring import score_sets
 from tasks.contracts.child_process import emit, worker_entry
 from tasks.contracts.worker_configs import EvaluateJob
 from tasks.contracts.worker_events import Evaluated, Scores
 
 
 @torch.no_grad()
-def validation_loss(model, dataset_dir: Path, pad_id: int, batch_size: int, device) -> float | None:
+def validation_loss(model, dataset_dir: Path, pad_id: int, batch_size: int, device) -> dict[str, float]:
+    """Mean loss per supervised token of the val split, with the standard error of that mean taken
+    across examples (tokens of one example are not independent draws)."""
     from datasets import load_from_disk
 
     split = dataset_dir / "val"
     if not split.exists():
-        return None
+        return {}
     columns = load_from_disk(str(split)).to_dict()
     if not columns.get("input_ids"):
-        return None
-    total, count = 0.0, 0
-    for start in range(0, len(columns["input_ids"]), batch_size):
+        return {}
+    # longest first, cut where the padding would grow past a quarter: padding is computed like any
+    # token (22 demo examples in one batch: 2970 positions for 1567 tokens)
+    order = sorted(range(len(columns["input_ids"])), key=lambda i: -len(columns["input_ids"][i]))
+    sums, counts = [], []
+    for batch in length_batches([len(columns["input_ids"][i]) for i in order], batch_size):
+        rows = [order[i] for i in batch]
         ids, mask, labels = pad_batch(
-            columns["input_ids"][start : start + batch_size], columns["labels"][start : start + batch_size], pad_id
+            [columns["input_ids"][i] for i in rows], [columns["labels"][i] for i in rows], pad_id
         )
-        loss, tokens = supervised_loss(model, ids.to(device), mask.to(device), labels.to(device))
-        total, count = total + float(loss), count + tokens
-    return total / max(count, 1)
+        losses, tokens = example_losses(model, ids.to(device), mask.to(device), labels.to(device))
+        sums += losses
+        counts += tokens
+    total, count = sum(sums), max(sum(counts), 1)
+    loss = total / count
+    if len(sums) < 2:  # one example says nothing of the spread: no interval
+        return {"val_loss": loss, "perplexity": math.exp(min(loss, 50))}
+    # the ratio estimator's standard error: residuals of each example's sum against its share
+    n = len(sums)
+    residual = sum((s - loss * c) ** 2 for s, c in zip(sums, counts, strict=True)) / (n - 1)
+    stderr = math.sqrt(residual / n) / (count / n)
+    return {"val_loss": loss, "val_loss_n": n, "val_loss_stderr": stderr, "perplexity": math.exp(min(loss, 50))}
+
+
+def score_model(model, tokenizer, job: EvaluateJob, setup) -> Scores:
+    """Validation loss, the answers to every set's prompts scored, and the benchmarks, for one model."""
+    autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
+    conversations = single_turns([row.prompt for eval_set in job.sets for row in eval_set.prompts])
+    with autocast:
+        loss = validation_loss(model, Path(job.dataset_dir), tokenizer.pad_token_id, job.batch_size, setup.device)
+        answers = generate_answers(model, tokenizer, conversations, job.max_new_tokens, job.batch_size, setup.device)
+        benchmarks = run_benchmarks(model, tokenizer, job.benchmarks) if job.benchmarks else {}
+    scores = score_sets(job.sets, answers, job.template_vars)
+    scores.metrics.update({**loss, **benchmarks})
+    return scores
+
+
+def length_batches(lengths: list[int], batch_size: int, waste: float = 0.25) -> list[list[int]]:
+    """Positions of `lengths` (sorted longest first) in batches of at most `batch_size`, a batch
+    ending where padding to its first (longest) member would exceed `waste` of its tokens."""
+    batches: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        current = batches[-1] if batches else None
+        if current and len(current) < batch_size:
+            real = sum(lengths[i] for i in current) + length
+            if lengths[current[0]] * (len(current) + 1) <= (1 + waste) * real:
+                current.append(index)
+                continue
+        batches.append([index])
+    return batches
 
 
 def evaluate(job: EvaluateJob) -> None:
+    """The base model first, then the tuned one. With one LoRA adapter on the base, both are one copy
+    of the weights: the base answers with the adapter switched off, then the adapter is merged in
+    for the tuned answers (the same greedy answers as unmerged, without LoRA's extra matmuls at
+    every step: 8.8 s against 7.3 s for the demo's prompts)."""
     from transformers import AutoTokenizer
 
     setup = compute_setup(job.compute_type)
     remote_code = job.trust_remote_code
     tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=remote_code)
-    identity, control = job.identity, job.control
-    conversations = single_turns([row.prompt for row in identity] + [row.prompt for row in control])
     weights = job.tuned
     tuned = load_model(weights.model_dir, weights.adapters, setup.device, trust_remote_code=remote_code).eval()
-    # one adapter on the base: the base model is the same weights with the adapter switched off
     adapter_on_base = len(weights.adapters) == 1 and weights.model_dir == job.model_path
-    autocast = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
-    dataset_dir = Path(job.dataset_dir)
-    variants = {"tuned": tuned}
-    if job.compare_base:
-        variants["base"] = (
-            tuned if adapter_on_base else load_model(job.model_path, None, setup.device, trust_remote_code=remote_code)
-        )
     results: dict[str, Scores] = {}
-    for name, variant in variants.items():
-        adapter_off = variant.disable_adapter() if name == "base" and adapter_on_base else nullcontext()
-        with adapter_off, autocast:
-            loss = validation_loss(variant, dataset_dir, tokenizer.pad_token_id, job.batch_size, setup.device)
-            answers = generate_answers(
-                variant, tokenizer, conversations, job.max_new_tokens, job.batch_size, setup.device
-            )
-        scores = score_answers(identity, control, answers, job.template_vars)
-        if loss is not None:
-            scores.metrics.update({"val_loss": loss, "perplexity": math.exp(min(loss, 50))})
-        results[name] = scores
+    if job.compare_base and adapter_on_base:
+        with tuned.disable_adapter():
+            results["base"] = score_model(tuned, tokenizer, job, setup)
+    elif job.compare_base:
+        base = load_model(job.model_path, None, setup.device, trust_remote_code=remote_code).eval()
+        results["base"] = score_model(base, tokenizer, job, setup)
+        del base
+    if weights.adapters:
+        tuned.merge_adapter()
+    results = {"tuned": score_model(tuned, tokenizer, job, setup), **results}
+    for name, scores in results.items():
         emit(Evaluated(variant=name, scores=scores))
     # for the user to read; the stage takes the scores from the events
     answers = {name: scores.model_dump(exclude_none=True) for name, scores in results.items()}
