@@ -252,3 +252,29 @@ def test_the_difference_of_two_rates_is_newcombes_interval():
     assert comparison.worse and "[-0.746, -0.154]" in comparison.reason, comparison.reason
     # Newcombe (1998), method 10: 56/70 - 48/80 = 0.200, interval [0.0524, 0.3339]
     assert "difference +0.200 [+0.052, +0.334]" in compare("a", {"a": 0.8, "a_n": 70}, {"a": 0.6, "a_n": 80}, 0).reason
+
+
+def test_greedy_rows_leave_the_batch_with_the_tokens_generate_gives(tiny_model: Path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tasks.components.generation import greedy_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    prompts = ["Who are you?", "2 + 2 =", "A much longer prompt about the capital of France and its rivers", "hi"]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    free = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 10, eos_id=-1)
+    assert all(len(row) == 10 for row in free)
+    # the random model repeats one token per row: the second row's is the "end", so that row
+    # leaves the batch at once and the others go on without it
+    eos = free[1][0]
+    assert eos not in free[0]
+    ours = greedy_tokens(model, batch["input_ids"], batch["attention_mask"], 10, eos_id=eos)
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=10, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    for row, tokens in zip(out[:, batch["input_ids"].shape[1] :].tolist(), ours, strict=True):
+        expected = row[: row.index(eos)] if eos in row else row
+        assert tokens == expected
+    assert ours[1] == [] and len(ours[0]) == 10, "one row ended at once, another ran on"

@@ -3,9 +3,12 @@ evaluate stage scores and what `tunefactory generate` writes."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
+
+from tasks.components.modeling import causal_lm
 
 
 @torch.no_grad()
@@ -45,11 +48,11 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, eos_id:
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=model.config)
+    cache = {cache_argument(model): DynamicCache(config=model.config)}
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)  # the batch row of each active row
     output = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+                   use_cache=True, logits_to_keep=1, **cache)  # fmt: skip
     tokens: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
     for step in range(max_new_tokens):
         chosen = output.logits[:, -1].argmax(-1)
@@ -61,13 +64,19 @@ def greedy_tokens(model, input_ids, attention_mask, max_new_tokens: int, eos_id:
             break
         if ended.any():  # the ended rows leave the batch, their cache with them
             keep = (~ended).nonzero().squeeze(-1)
-            cache.batch_select_indices(keep)
+            next(iter(cache.values())).batch_select_indices(keep)
             rows, chosen, attention_mask, positions = rows[keep], chosen[keep], attention_mask[keep], positions[keep]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
         positions = positions[:, -1:] + 1
         output = model(input_ids=chosen.unsqueeze(-1), attention_mask=attention_mask, position_ids=positions,
-                       past_key_values=cache, use_cache=True)  # fmt: skip
+                       use_cache=True, **cache)  # fmt: skip
     return tokens
+
+
+def cache_argument(model) -> str:
+    """`cache` where the model's forward takes it (transformers' own models from 5.25, which
+    deprecate `past_key_values`), else `past_key_values` (older and remote-code models)."""
+    return "cache" if "cache" in inspect.signature(causal_lm(model).forward).parameters else "past_key_values"
 
 
 def single_turns(prompts: list[str]) -> list[list[dict[str, str]]]:
