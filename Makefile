@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 SPEC ?= deployments/self_cognition.yaml
 WORKSPACE ?= workspace
 
-.PHONY: install chromium demo test test-fast bench bench-data lint format ui ui-stop clean
+.PHONY: install chromium demo test test-fast bench bench-data gpu-check gpu-bundle lint format ui ui-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -53,6 +53,15 @@ bench: install
 ROWS ?= 200000
 bench-data: install
 	$(VENV)/bin/python -m tasks.tools.bench_data --root $(WORKSPACE)/bench-data $(foreach n,$(ROWS),--rows $(n))
+
+# The GPU path run for real (tasks/tools/gpu_check.py): on a GPU machine the gpu tests, make bench's GPU cases,
+# qlora and bf16 full fine-tunes of the 1B shape, FSDP2 and DeepSpeed on one GPU, one summary table; without CUDA
+# it says what it would run. gpu-bundle: the wheels and tokenizer a bare GPU machine needs, into gpu-bundle/
+gpu-check: install
+	$(VENV)/bin/python -m tasks.tools.gpu_check --root $(WORKSPACE)/gpu-check $(if $(wildcard gpu-bundle/wheels),--bundle gpu-bundle)
+
+gpu-bundle: install
+	$(VENV)/bin/python -m tasks.tools.gpu_check --prepare gpu-bundle
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -37,12 +37,11 @@ STAGE_TASK_RUNS = {
 def build_tiny_llama(directory: Path) -> Path:
     """A 2-layer random Llama (about 3.3M parameters, mostly embeddings) with SmolLM2's tokenizer."""
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    from tasks.stages.materialize_model import packaged_gguf
+    from tasks.contracts.packaged_models import smollm2_tokenizer
 
-    gguf = packaged_gguf("packaged:smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = smollm2_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -116,3 +116,98 @@ def test_packed_training_learns_what_padded_training_learns(tiny_model: Path, to
     real_tokens = 2 * sum(map(len, columns["input_ids"]))  # 2 epochs, padding not counted
     assert done[0]["train_tokens"] == done[1]["train_tokens"] == real_tokens
     assert all(d["train_tokens_per_second"] > 0 and d["peak_memory_mb"] > 0 for d in done)
+
+
+@pytest.fixture(scope="module")
+def fp32_losses(tiny_model: Path, tokenizer, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    return run_train_worker(tiny_model, tokenizer, tmp_path_factory.mktemp("fp32"), packing=False)
+
+
+# each setting the GPU path takes by default, set explicitly on CPU: what it changes, what the
+# worker says it used, and how far its loss curve may stray from the fp32 run's (measured gap in
+# the comment; the tolerance leaves room for other CPUs)
+GPU_PATH_SETTINGS = {
+    # bf16 autocast and the frozen base held in bf16 under LoRA: 4.0e-5 measured
+    "bf16": ({"compute_type": "bf16"}, {"compute_type": "bf16", "frozen_dtype": "bfloat16"}, 1e-3),
+    # inductor's kernels; below the 5 decimals the loss history keeps, measured
+    "compiled-layers": ({"torch_compile": True}, {"torch_compile": True}, 1e-4),
+    "fused-adamw": ({"fused_optimizer": True}, {"fused_optimizer": True}, 1e-5),
+    # SDPA with a per-example mask from the position ids, no FlashAttention: below 5 decimals
+    "packing-sdpa": ({"packing": True}, {"packing": True, "attention": "sdpa"}, 1e-4),
+}
+
+
+@pytest.mark.parametrize("setting", list(GPU_PATH_SETTINGS))
+def test_a_gpu_path_setting_runs_on_cpu_learns_and_matches_fp32(
+    setting, fp32_losses, tiny_model: Path, tokenizer, tmp_path: Path, capsys
+):
+    train, reported, tolerance = GPU_PATH_SETTINGS[setting]
+    capsys.readouterr()
+    losses = run_train_worker(tiny_model, tokenizer, tmp_path, **{"packing": False, **train})
+    events = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "@@" in line]
+    (start,) = [e for e in events if e["type"] == "start"]
+    assert {key: start[key] for key in reported} == reported, "the worker used the setting"
+    assert start["device"] == "cpu"
+    assert losses[-1]["loss"] < losses[0]["loss"], "it learned"
+    gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(fp32_losses, losses, strict=True)]
+    print(f"{setting}: largest relative gap to fp32 {max(gaps):.2e}")
+    assert max(gaps) <= tolerance, f"{setting}: loss strays {max(gaps):.2e} from fp32 (allowed {tolerance:.0e})"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_gpu_defaults_on_cuda_learn_and_match_fp32(tiny_model: Path, tokenizer, tmp_path: Path, capsys):
+    """On a GPU the defaults are the fast path: bf16 with a bf16 frozen base, compiled layers,
+    fused AdamW, packing where FlashAttention 2 is installed; against the same run in fp32."""
+    fp32 = run_train_worker(tiny_model, tokenizer, tmp_path / "fp32", compute_type="fp32", torch_compile=False,
+                            fused_optimizer=False, packing=False)  # fmt: skip
+    capsys.readouterr()
+    fast = run_train_worker(tiny_model, tokenizer, tmp_path / "fast")
+    events = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "@@" in line]
+    (start,) = [e for e in events if e["type"] == "start"]
+    assert start["device"] == "cuda" and start["compute_type"] == "bf16" and start["frozen_dtype"] == "bfloat16"
+    assert start["torch_compile"] and start["fused_optimizer"]
+    assert fast[-1]["loss"] < fast[0]["loss"], "it learned"
+    gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(fp32, fast, strict=True)]
+    assert max(gaps) <= 5e-2, f"the GPU defaults stray {max(gaps):.2e} from fp32"
+
+
+def test_a_memory_budget_splits_the_step_and_the_loss_curve_stays(fp32_losses, tiny_model: Path, tokenizer,
+                                                                 tmp_path: Path, capsys):  # fmt: skip
+    """train.max_memory below the step's estimate: each batch of 6 becomes micro-batches whose
+    gradients add up to the same step."""
+    capsys.readouterr()
+    losses = run_train_worker(tiny_model, tokenizer, tmp_path, packing=False, max_memory="1.3GB")
+    lines = capsys.readouterr().out.splitlines()
+    events = [json.loads(line.split(" ", 1)[1]) for line in lines if "@@" in line]
+    (start,) = [e for e in events if e["type"] == "start"]
+    assert start["micro_batch_split"] > 1 and not start["gradient_checkpointing"]
+    assert start["memory_estimate_mb"] <= start["memory_budget_mb"] == round(1.3e9 / 2**20)
+    notes = [e["message"] for e in events if e["type"] == "note" and e["message"].startswith("memory:")]
+    assert notes and f"each batch in {start['micro_batch_split']} micro-batches" in notes[0]
+    for a, b in zip(fp32_losses, losses, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), f"step {a['step']}: the same step, split"
+
+
+def test_a_budget_nothing_fits_is_refused_with_the_numbers(tiny_model: Path, tokenizer, tmp_path: Path):
+    from tasks.contracts.child_process import WorkerError
+
+    with pytest.raises(WorkerError, match=r"even with one example per micro-batch .* GB is available "
+                                          r"\(train.max_memory\): lower tokenize.cutoff_len"):  # fmt: skip
+        run_train_worker(tiny_model, tokenizer, tmp_path, max_memory="200MB")
+
+
+def test_the_memory_plan_splits_first_then_checkpoints_then_refuses():
+    from tasks.components.memory_plan import StepShape, plan_memory, step_bytes
+
+    shape = StepShape(layers=30, hidden=576, intermediate=1536, heads=9, vocab=49152, weight_bytes=540_000_000,
+                      trainable=4_900_000, compute_bytes=4, rows=8, width=512, tokens=8 * 512, supervised=2400,
+                      device="cpu", attention_probs=True)  # fmt: skip
+    whole = step_bytes(shape, 1, False)
+    assert 12e9 < whole < 16e9, "the LLaMA-Factory-data step that peaked at 15 GB resident"
+    assert plan_memory(shape, whole, False).split == 1
+    halved = plan_memory(shape, step_bytes(shape, 2, False), False)
+    assert (halved.split, halved.gradient_checkpointing) == (2, False)
+    tight = plan_memory(shape, step_bytes(shape, 8, False) - 1, False)
+    assert tight.gradient_checkpointing and tight.estimate_bytes < step_bytes(shape, 8, False)
+    assert plan_memory(shape, step_bytes(shape, 8, True) - 1, False) is None

@@ -75,8 +75,8 @@ def test_defaults_form_a_valid_spec():
             "train: num_processes: several processes train the pt and sft stages; stage 'dpo' trains in one process",
         ),
         (
-            {"train": {"distributed": "fsdp"}},
-            "train: distributed: fsdp shares training across processes; set num_processes (or nnodes) above 1",
+            {"train": {"stage": "dpo", "distributed": "fsdp"}},
+            "train: distributed: fsdp trains the pt and sft stages; stage 'dpo' trains in one process",
         ),
         (
             {"train": {"num_processes": 2, "deepspeed_config": "zero3.json"}},

@@ -36,6 +36,11 @@ from tasks.contracts.spec_sections import ADAPTER_METHODS
 from tasks.contracts.worker_configs import TrainJob
 
 
+def fused_optimizer(config: TrainJob, setup: ComputeSetup) -> bool:
+    """train.fused_optimizer, or what its default (None) means here: on with CUDA."""
+    return config.fused_optimizer if config.fused_optimizer is not None else setup.device.type == "cuda"
+
+
 class LabelOnlyLoss(torch.nn.Module):
     """The model with `supervised_loss` as its forward, so that the engine wraps the call that trains."""
 
@@ -47,10 +52,15 @@ class LabelOnlyLoss(torch.nn.Module):
         return supervised_loss(self.model, input_ids, None, labels, position_ids)[0]
 
 
-def start_process_group(cuda: bool) -> tuple[int, int]:
-    """Rank and world size; under torchrun, join its process group (NCCL on GPUs, gloo on CPU)."""
+def start_process_group(cuda: bool, distributed: str = "ddp") -> tuple[int, int]:
+    """Rank and world size; under torchrun, join its process group (NCCL on GPUs, gloo on CPU).
+
+    One process under torchrun joins a group of one when `distributed` is fsdp or deepspeed, so
+    that the engine it names runs (FSDP2 and ZeRO on one GPU: `make gpu-check`); one process
+    otherwise trains alone, as it would without torchrun.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and (distributed == "ddp" or "TORCHELASTIC_RUN_ID" not in os.environ):
         return 0, 1
     if cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
@@ -100,6 +110,7 @@ class Engine:
 
     def __init__(self, model: torch.nn.Module, config: TrainJob, setup: ComputeSetup, world: int) -> None:
         self.model, self.config, self.world = model, config, world
+        self.kind = {FsdpEngine: "fsdp", DeepSpeedEngine: "deepspeed"}.get(type(self), "ddp" if world > 1 else "single")
         self.adapter = config.finetuning_type in ADAPTER_METHODS
         self.module: torch.nn.Module = self.wrap(LabelOnlyLoss(model), setup)
         self.params = trainable_parameters(model)
@@ -114,9 +125,11 @@ class Engine:
         return DistributedDataParallel(module)
 
     def make_optimizer(self, setup: ComputeSetup) -> torch.optim.Optimizer:
-        cuda = setup.device.type == "cuda"
         return torch.optim.AdamW(
-            self.params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay, fused=cuda or None
+            self.params,
+            lr=self.config.learning_rate,
+            weight_decay=self.config.weight_decay,
+            fused=fused_optimizer(self.config, setup) or None,
         )
 
     @property
@@ -289,7 +302,7 @@ ENGINES = {"ddp": Engine, "fsdp": FsdpEngine, "deepspeed": DeepSpeedEngine}
 
 
 def make_engine(model: torch.nn.Module, config: TrainJob, setup: ComputeSetup, world: int) -> Engine:
-    kind = config.distributed if world > 1 else "ddp"
+    kind = config.distributed if dist.is_initialized() else "ddp"  # one process alone: no engine to share with
     return ENGINES[kind](model, config, setup, world)
 
 

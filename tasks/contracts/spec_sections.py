@@ -17,6 +17,23 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)")
+SIZE_UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30,
+              "TiB": 2**40}  # fmt: skip
+
+
+def checked_size(value: str) -> str:
+    if not SIZE.fullmatch(value.strip()):
+        raise ValueError(f"{value!r} is not a size like '500MB' or '10GB'")
+    return value.strip()
+
+
+def size_bytes(value: str) -> float:
+    """'12GB' as 12e9 bytes, '16GiB' as 16 x 2**30."""
+    number, unit = SIZE.fullmatch(value.strip()).groups()
+    return float(number) * SIZE_UNITS[unit]
+
+
 LR_SCHEDULERS = (
     "linear",
     "cosine",
@@ -288,8 +305,19 @@ class TrainSpec(Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, about a third more compute."
     )
+    max_memory: str | None = Field(
+        None,
+        description="pt/sft: memory one training process may use, e.g. '12GB' (default: what the device has free: "
+        "RAM on a CPU, GPU memory on a GPU). A step estimated above it is split into micro-batches with gradient "
+        "accumulation (the same step and loss), then gradient checkpointing is added; refused when nothing fits.",
+    )
     torch_compile: bool | None = Field(
         None, description="pt/sft: compile each decoder layer with torch.compile. Default: on with a CUDA GPU."
+    )
+    fused_optimizer: bool | None = Field(
+        None,
+        description="pt/sft: AdamW's fused kernel (one kernel per step for all parameters; torch has it for "
+        "CUDA and CPU). Default: on with a CUDA GPU.",
     )
     num_processes: int = Field(
         1,
@@ -299,9 +327,10 @@ class TrainSpec(Section):
     )
     distributed: Literal["ddp", "fsdp", "deepspeed"] = Field(
         "ddp",
-        description="With several processes, how they share the work: ddp (every process holds the whole model; "
+        description="How the processes share the work: ddp (every process holds the whole model; "
         "the choice for LoRA), fsdp (PyTorch FSDP2: weights, gradients and optimizer state split across processes) "
-        "or deepspeed (DeepSpeed ZeRO, as deepspeed_config says).",
+        "or deepspeed (DeepSpeed ZeRO, as deepspeed_config says). fsdp and deepspeed also run with one process "
+        "(under torchrun, on a process group of one): ZeRO's or FSDP's offload on one GPU.",
     )
     deepspeed_config: str | None = Field(
         None,
@@ -330,6 +359,11 @@ class TrainSpec(Section):
         description="A label for this training run in the workspace (default: a timestamp). "
         "It names the output; it does not change what is trained.",
     )
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        return None if value is None else checked_size(value)
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -370,11 +404,9 @@ class TrainSpec(Section):
             key = "num_processes" if self.num_processes > 1 else "nnodes"
             raise ValueError(f"{key}: several processes train the pt and sft stages; stage {self.stage!r} "
                              "trains in one process")  # fmt: skip
-        if self.distributed != "ddp" and self.num_processes * self.nnodes == 1:
-            raise ValueError(
-                f"distributed: {self.distributed} shares training across processes; "
-                "set num_processes (or nnodes) above 1, or leave distributed out"
-            )
+        if self.distributed != "ddp" and self.stage not in ("pt", "sft"):
+            raise ValueError(f"distributed: {self.distributed} trains the pt and sft stages; stage {self.stage!r} "
+                             "trains in one process with its own trainer")  # fmt: skip
         if self.distributed != "ddp" and self.compute_type == "fp16":
             raise ValueError(f"distributed: {self.distributed} trains in bf16 or fp32, not compute_type fp16")
         if self.deepspeed_config is not None:
@@ -585,6 +617,4 @@ class ExportSpec(Section):
     @field_validator("max_shard_size")
     @classmethod
     def _size(cls, value: str) -> str:
-        if not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|KiB|MiB|GiB)", value.strip()):
-            raise ValueError(f"{value!r} is not a size like '500MB' or '10GB'")
-        return value.strip()
+        return checked_size(value)

@@ -64,8 +64,15 @@ class TrainingStarted(Event):
     attention: str | None = None
     packing: bool | None = None
     torch_compile: bool | None = None
+    fused_optimizer: bool | None = None
+    frozen_dtype: str | None = None  # lora: the dtype the frozen base is held in (bf16 under bf16 compute)
     gradient_checkpointing: bool | None = None
     world_size: int = 1
+    engine: str | None = None  # how the processes share the work: single, ddp, fsdp or deepspeed
+    # the memory plan (tasks/components/memory_plan.py): micro-batches per batch, estimate and budget
+    micro_batch_split: int = 1
+    memory_estimate_mb: int | None = None
+    memory_budget_mb: int | None = None
 
 
 class StepLogged(Event):

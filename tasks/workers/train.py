@@ -32,10 +32,12 @@ from tasks.components.distributed_engines import (
     Engine,
     all_processes_sum,
     decoder_layers,
+    fused_optimizer,
     make_engine,
     start_process_group,
 )
 from tasks.components.finetuning_methods import quantized_modules, trainable_model
+from tasks.components.memory_plan import MemoryPlan, StepShape, plan_memory, step_bytes
 from tasks.components.modeling import attention_implementation, causal_lm, compute_setup
 from tasks.components.packing import packed_batch, padded_batch
 from tasks.components.training_outputs import (
@@ -45,10 +47,10 @@ from tasks.components.training_outputs import (
     read_checkpoint_file,
 )
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
-from tasks.contracts.spec_sections import ADAPTER_METHODS
+from tasks.contracts.spec_sections import ADAPTER_METHODS, size_bytes
 from tasks.contracts.stage_infos import RankSummary
 from tasks.contracts.worker_configs import TrainJob
-from tasks.contracts.worker_events import Checkpointed, Resumed, StepLogged, TrainingStarted
+from tasks.contracts.worker_events import Checkpointed, Note, Resumed, StepLogged, TrainingStarted
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -72,6 +74,31 @@ def peak_memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def device_free_bytes(device: torch.device) -> float:
+    """What a training process may take: free GPU memory, or on a CPU the available RAM (its share
+    of it when torchrun runs several processes on this machine) plus what this process holds."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return float(free + torch.cuda.memory_allocated(device))
+    import psutil
+
+    available = psutil.virtual_memory().available / int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return float(available + psutil.Process().memory_info().rss)
+
+
+def sharded_shares(config: TrainJob, world: int) -> tuple[float, float]:
+    """The share of the weights and of the optimizer state one process holds: FSDP splits both
+    over the processes, ZeRO the optimizer state (stage 3 the weights too); offloaded state is
+    not on the device at all."""
+    if world == 1 or config.distributed == "ddp":
+        return 1.0, 1.0
+    if config.distributed == "fsdp":
+        return 1 / world, 1 / world
+    zero = (config.deepspeed_resolved or {}).get("zero_optimization", {})
+    offloaded = zero.get("offload_optimizer", {}).get("device", "none") != "none"
+    return (1 / world if zero.get("stage", 2) == 3 else 1.0), (0.0 if offloaded else 1 / world)
 
 
 def compile_layers(model: torch.nn.Module) -> bool:
@@ -164,7 +191,7 @@ class TrainingLoop:
         self.config, self.output = config, Path(config.output_dir)
         self.setup = compute_setup(config.compute_type)
         self.cuda = self.setup.device.type == "cuda"
-        self.rank, self.world = start_process_group(self.cuda)
+        self.rank, self.world = start_process_group(self.cuda, config.distributed)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self._load_data()
@@ -190,9 +217,12 @@ class TrainingLoop:
         # a bf16 frozen base under LoRA; FSDP and DeepSpeed cast weights themselves, from fp32
         sharded = self.world > 1 and config.distributed != "ddp"
         frozen = setup.autocast_dtype if setup.autocast_dtype == torch.bfloat16 and not sharded else torch.float32
+        self.frozen_dtype = str(frozen).removeprefix("torch.") if config.finetuning_type == "lora" else None
         model = trainable_model(config, setup.device, attention=self.attention, frozen_dtype=frozen)
         model.train()
-        if config.gradient_checkpointing:
+        self.memory = self._plan_memory(model)
+        self.split, self.checkpointing = self.memory.split, self.memory.gradient_checkpointing
+        if self.checkpointing:
             causal_lm(model).activation_checkpointing_enable({"use_reentrant": False})
         wanted = config.torch_compile if config.torch_compile is not None else self.cuda
         self.compiled = compile_layers(model) if wanted else False
@@ -204,6 +234,38 @@ class TrainingLoop:
         self.engine = make_engine(model, config, setup, self.world)
         ctx = torch.autocast(setup.device.type, dtype=setup.autocast_dtype) if setup.autocast_dtype else nullcontext()
         self.autocast = ctx
+
+    def _plan_memory(self, model: torch.nn.Module) -> MemoryPlan:
+        """Whether the widest step fits, and how it is split when it does not (memory_plan.py)."""
+        config, setup = self.config, self.setup
+        rows = config.batch_size  # this process's examples per micro-batch
+        widest = sorted(range(len(self.lengths)), key=lambda i: -self.lengths[i])[:rows]
+        width = min(max(self.lengths, default=1), config.cutoff_len) if not self.packing else config.cutoff_len
+        tokens = sum(self.lengths[i] for i in widest) if self.packing else rows * max(self.lengths, default=1)
+        supervised = sum(sum(label != -100 for label in self.labels[i][1:]) for i in widest)
+        lm = causal_lm(model).config
+        weights_share, optimizer_share = sharded_shares(config, self.world)
+        shape = StepShape(
+            layers=lm.num_hidden_layers, hidden=lm.hidden_size,
+            intermediate=getattr(lm, "intermediate_size", 4 * lm.hidden_size), heads=lm.num_attention_heads,
+            vocab=lm.vocab_size,
+            weight_bytes=int(weights_share * sum(p.numel() * p.element_size() for p in model.parameters())),
+            trainable=int(optimizer_share * sum(p.numel() for p in model.parameters() if p.requires_grad)),
+            compute_bytes=2 if setup.autocast_dtype is not None else 4, rows=rows, width=width, tokens=tokens,
+            supervised=supervised, device=setup.device.type, attention_probs=setup.device.type == "cpu",
+        )  # fmt: skip
+        budget = size_bytes(config.max_memory) if config.max_memory else device_free_bytes(setup.device)
+        plan = plan_memory(shape, budget, config.gradient_checkpointing)
+        if plan is None:
+            least = step_bytes(shape, rows, True)
+            raise WorkerError(
+                f"train: one step needs about {least / 1e9:.1f} GB even with one example per micro-batch and "
+                f"gradient checkpointing, and {budget / 1e9:.1f} GB is available"
+                f"{' (train.max_memory)' if config.max_memory else ''}: lower tokenize.cutoff_len (the longest "
+                f"example has {max(self.lengths, default=0)} tokens), use lora or qlora, or a larger machine"
+            )
+        emit(Note(message=plan.describe()))
+        return plan
 
     def _plan_steps(self) -> None:
         config = self.config
@@ -237,8 +299,14 @@ class TrainingLoop:
                 attention=self.attention,
                 packing=self.packing,
                 torch_compile=self.compiled,
-                gradient_checkpointing=self.config.gradient_checkpointing,
+                fused_optimizer=fused_optimizer(self.config, self.setup),
+                frozen_dtype=self.frozen_dtype,
+                gradient_checkpointing=self.checkpointing,
+                micro_batch_split=self.split,
+                memory_estimate_mb=round(self.memory.estimate_bytes / 2**20),
+                memory_budget_mb=round(self.memory.budget_bytes / 2**20),
                 world_size=self.world,
+                engine=self.engine.kind,
             )
         )
 
@@ -276,8 +344,11 @@ class TrainingLoop:
         batches = epoch_batches(self.lengths, self.global_batch, self.config.seed, epoch)
         group = batches[position : position + self.accumulation]
         supervised = sum(sum(label != -100 for label in self.labels[i][1:]) for batch in group for i in batch)
-        for micro, batch in enumerate(group):
-            self._micro_batch(batch, micro == len(group) - 1, supervised)
+        # a batch the memory plan splits is several micro-batches of one step: same examples, same loss
+        pieces = [batch[i : i + -(-len(batch) // self.split)] for batch in group
+                  for i in range(0, len(batch), -(-len(batch) // self.split))]  # fmt: skip
+        for micro, piece in enumerate(pieces):
+            self._micro_batch(piece, micro == len(pieces) - 1, supervised)
         self.window_tokens += supervised
         self.loop_tokens += sum(self.lengths[i] for batch in group for i in batch)
         return self.engine.step()
