@@ -211,3 +211,27 @@ def test_the_memory_plan_splits_first_then_checkpoints_then_refuses():
     tight = plan_memory(shape, step_bytes(shape, 8, False) - 1, False)
     assert tight.gradient_checkpointing and tight.estimate_bytes < step_bytes(shape, 8, False)
     assert plan_memory(shape, step_bytes(shape, 8, True) - 1, False) is None
+
+
+@pytest.mark.parametrize(
+    "quantized",
+    [{"quantization_type": "fp4", "double_quantization": False}, {"quantization_bit": 8}],
+    ids=["4-bit-fp4", "8-bit"],
+)
+def test_qlora_quantizes_the_base_as_asked_on_cpu_and_learns(quantized, tiny_model: Path, tokenizer, tmp_path, capsys):
+    capsys.readouterr()
+    lora = {"rank": 4, "alpha": 8, **quantized}
+    losses = run_train_worker(tiny_model, tokenizer, tmp_path, finetuning_type="qlora", lora=lora)
+    events = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "@@" in line]
+    (start,) = [e for e in events if e["type"] == "start"]
+    assert start["quantized_modules"] == 14, "every linear layer of the 2 decoder layers held by bitsandbytes"
+    assert losses[-1]["loss"] < losses[0]["loss"], "the adapters learned on the quantized base"
+
+
+def test_a_quantization_bitsandbytes_cannot_do_is_refused_by_name():
+    from tasks.components.finetuning_methods import check_quantization
+    from tasks.contracts.child_process import WorkerError
+
+    check_quantization(4, "nf4", True, torch.device("cpu"))  # what the demo's qlora uses, on this CPU
+    with pytest.raises(WorkerError, match=r"train.lora: bitsandbytes [\d.]+ cannot train on a 4-bit nf3 base on cpu"):
+        check_quantization(4, "nf3", False, torch.device("cpu"))

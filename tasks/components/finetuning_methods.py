@@ -70,17 +70,46 @@ def quantization(config: TrainJob, device: torch.device) -> dict[str, Any]:
     trains there too), fp32 compute, which is what the CPU computes fastest."""
     from transformers import BitsAndBytesConfig
 
-    if config.lora.quantization_bit == 8:
+    lora = config.lora
+    check_quantization(lora.quantization_bit, lora.quantization_type, lora.double_quantization, device)
+    if lora.quantization_bit == 8:
         quantized = BitsAndBytesConfig(load_in_8bit=True)
     else:
         quantized = BitsAndBytesConfig(
             load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
+            bnb_4bit_quant_type=lora.quantization_type,
+            bnb_4bit_use_double_quant=lora.double_quantization,
             bnb_4bit_compute_dtype=qlora_dtype(device),
         )
     place = {"": torch.cuda.current_device()} if device.type == "cuda" else "cpu"
     return {"quantization_config": quantized, "device_map": place}
+
+
+def check_quantization(bits: int, kind: str, double: bool, device: torch.device) -> None:
+    """Quantize one small layer as the spec asks, forward and backward, on the training device: the
+    installed bitsandbytes may lack a kind on a device (it has grown CPU support kind by kind), and
+    a refusal here names the setting instead of failing inside the model's loading."""
+    import bitsandbytes as bnb
+
+    what = f"{bits}-bit" + (f" {kind}{' with double quantization' if double else ''}" if bits == 4 else "")
+    try:
+        weight = torch.randn(64, 64)
+        if bits == 8:
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=qlora_dtype(device), quant_type=kind,
+                                      compress_statistics=double)  # fmt: skip
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=kind, compress_statistics=double)
+        layer = layer.to(device)
+        probe = torch.randn(2, 64, device=device, requires_grad=True)
+        layer(probe.to(qlora_dtype(device))).float().sum().backward()
+    except Exception as exc:  # whatever bitsandbytes raises for a kernel it does not have
+        raise WorkerError(
+            f"train.lora: bitsandbytes {bnb.__version__} cannot train on a {what} base on {device.type} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
+            "choose another quantization_bit / quantization_type, or finetuning_type lora"
+        ) from None
 
 
 def qlora_dtype(device: torch.device) -> torch.dtype:

@@ -175,7 +175,13 @@ class LoraSpec(Section):
     use_dora: bool = Field(False, description="DoRA: split each adapted weight into magnitude and direction.")
     use_rslora: bool = Field(False, description="rsLoRA: scale the update by alpha/sqrt(rank) instead of alpha/rank.")
     quantization_bit: Literal[4, 8] = Field(
-        4, description="qlora only: load the frozen base in 4-bit (NF4) or 8-bit with bitsandbytes."
+        4, description="qlora only: load the frozen base in 4-bit or 8-bit (LLM.int8) with bitsandbytes."
+    )
+    quantization_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="qlora, 4-bit only: NF4 (normal-float, QLoRA's) or FP4 weights."
+    )
+    double_quantization: bool = Field(
+        True, description="qlora, 4-bit only: quantize the quantization constants too (about 0.4 bits a weight less)."
     )
 
 
