@@ -135,6 +135,9 @@ def test_user_sets_and_a_benchmark_reach_mlflow_the_comparison_the_card_and_pref
     run = client.get_run(stage["mlflow_run_id"])
     assert run.data.metrics["tuned_bench_tunebench_gk_acc"] == metrics["tuned_bench_tunebench_gk_acc"]
     assert run.data.metrics["tuned_identity_hit_rate_n"] == 12
+    # the train stage records its memory plan (here the step fits as asked)
+    train = client.get_run(result["stages"]["train"]["mlflow_run_id"]).data.metrics
+    assert train["micro_batch_split"] == 1 and 0 < train["memory_estimate_mb"] <= train["memory_budget_mb"]
     # the comparison: a column for the benchmark, and intervals beside the rates
     table = comparison_table(client, pipeline_runs(client, spec.name))
     assert table["bench tunebench gk acc"].iloc[-1] == metrics["tuned_bench_tunebench_gk_acc"]

@@ -118,6 +118,12 @@ class TrainingEvents:
                 **{f"resolved_{k}": v for k, v in resolved.items()},
             }
         )
+        # the memory plan follows the memory free at each start, so a resumed run may plan anew:
+        # metrics (re-logged per start), not params (which MLflow does not let change)
+        plan = {"micro_batch_split": event.micro_batch_split,
+                "resolved_gradient_checkpointing": int(bool(event.gradient_checkpointing)),
+                "memory_estimate_mb": event.memory_estimate_mb, "memory_budget_mb": event.memory_budget_mb}  # fmt: skip
+        self.tracked.metrics({k: v for k, v in plan.items() if v is not None}, step=event.first_step)
         self.logger.info(
             "training %d steps on %s (%s), %d of %d parameters trainable",
             event.total_steps,
