@@ -228,6 +228,34 @@ def test_qlora_quantizes_the_base_as_asked_on_cpu_and_learns(quantized, tiny_mod
     assert losses[-1]["loss"] < losses[0]["loss"], "the adapters learned on the quantized base"
 
 
+@pytest.mark.parametrize("bits, most", [(4, 1 / 7), (8, 1 / 3.5)], ids=["4-bit-nf4", "8-bit"])
+def test_the_qlora_base_holds_its_decoder_weights_in_4_or_8_bits(bits, most, tiny_model: Path, tmp_path: Path):
+    """The memory a quantized base saves: its decoder layers' linear weights in an eighth (4-bit) or a
+    quarter (8-bit) of their fp32 bytes, quantization constants included; the adapters stay fp32."""
+    from tasks.components.finetuning_methods import trainable_model
+
+    job = TrainJob(finetuning_type="qlora", lora={"rank": 4, "alpha": 8, "quantization_bit": bits},
+                   start=Weights(model_dir=str(tiny_model)), tokenizer_path=str(tiny_model), dataset_dir=str(tmp_path),
+                   cutoff_len=64, pad_token_id=0, output_dir=str(tmp_path))  # fmt: skip
+    model = trainable_model(job, torch.device("cpu"))
+    layers = [m for name, m in model.named_modules() if ".layers." in name and hasattr(m, "base_layer")]
+    held = sum(m.base_layer.weight.numel() * m.base_layer.weight.element_size() for m in layers)
+    held += sum(t.numel() * t.element_size() for m in layers for t in quantization_constants(m.base_layer))
+    full = sum(m.in_features * m.out_features * 4 for m in layers)
+    assert len(layers) == 14 and held <= most * full, f"{held} bytes held against {full} in fp32"
+    adapters = [p for name, p in model.named_parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+
+
+def quantization_constants(layer) -> list[torch.Tensor]:
+    """What a bitsandbytes layer keeps beside its packed weight to undo the quantization."""
+    state = getattr(layer.weight, "quant_state", None)  # 4-bit: absmax (itself quantized with double quantization)
+    if state is not None:
+        tensors = [state.absmax] + ([state.state2.absmax] if state.nested else [])
+        return tensors
+    return [t for t in (getattr(layer.weight, "SCB", None),) if t is not None]  # 8-bit: a scale per row
+
+
 def test_a_quantization_bitsandbytes_cannot_do_is_refused_by_name():
     from tasks.components.finetuning_methods import check_quantization
     from tasks.contracts.child_process import WorkerError

@@ -321,18 +321,39 @@ def test_lora_dora_and_rslora_switches_reach_the_adapter(tiny_model: Path, tmp_p
 
 
 def test_qlora_sft_trains_adapters_on_a_4bit_base_on_this_cpu(prefect_harness, tiny_model: Path, tmp_path: Path):
-    """bitsandbytes 0.50 quantizes and trains on CPU: qlora runs wherever it is installed."""
-    spec = tiny_spec(tiny_model, tmp_path / "workspace", {"train": {"finetuning_type": "qlora", **SHORT}})
+    """bitsandbytes 0.50 quantizes and trains on CPU: qlora runs wherever it is installed. The export
+    is checked against the adapter on the 4-bit base it trained on; a refusal keeps the training."""
+    qlora = {"train": {"finetuning_type": "qlora", **SHORT}}
+    strict = tiny_spec(tiny_model, tmp_path / "workspace", {**qlora, "export": {"quantized_kl_ratio": 1e-3}})
+    with pytest.raises(
+        Exception, match=r"from the adapter on the 4-bit nf4 base .* export.quantized_kl_ratio is 0.001"
+    ):
+        finetune(strict)
+    assert not list((tmp_path / "workspace" / "stages" / "export").glob("*/manifest.json")), "nothing exported"
+
+    spec = tiny_spec(tiny_model, tmp_path / "workspace", qlora)
     result = finetune(spec)
     train = result["stages"]["train"]
+    assert train["reused"], "the refused export cost no training"
     trained_lora(Path(train["output_dir"]) / "adapter")
     assert train["info"]["trainable_params"] < train["info"]["total_params"] / 10
-    losses = logged(result, "train", "loss")
+    client = MlflowClient(result["tracking"]["uri"])  # the run that trained, in the refused pipeline
+    losses = [m.value for m in client.get_metric_history(train["mlflow_run_id"], "loss")]
     assert losses and losses[-1] < losses[0], "the adapters learned on the quantized base"
-    params = stage_runs(result)["train"].data.params
+    params = client.get_run(train["mlflow_run_id"]).data.params
     assert params["finetuning_type"] == "qlora"
     assert int(params["quantized_modules"]) == 2 * 7, "every linear layer of both decoder layers held in 4 bits"
-    assert result["stages"]["export"]["metrics"]["merged_logits_rel_diff"] <= spec.export.logits_rtol
+    checked = result["stages"]["export"]["metrics"]
+    assert checked["merged_logits_rel_diff"] <= spec.export.logits_rtol, "the merge, against the full-precision base"
+    # against the model as it trained: quantizing moved the base, and the export is no further from it than that
+    assert checked["quantized_base_kl"] > 0 and checked["quantized_trained_kl"] > 0
+    assert checked["quantized_kl_ratio"] == pytest.approx(
+        checked["quantized_trained_kl"] / checked["quantized_base_kl"]
+    )
+    assert checked["quantized_kl_ratio"] <= spec.export.quantized_kl_ratio
+    assert 0.5 < checked["quantized_trained_top1"] <= 1
+    export_run = stage_runs(result)["export"].data.metrics
+    assert export_run["quantized_kl_ratio"] == pytest.approx(checked["quantized_kl_ratio"])
 
 
 def test_a_qlora_spec_without_bitsandbytes_is_refused_naming_it(tiny_model: Path, tmp_path: Path, monkeypatch):

@@ -20,8 +20,8 @@ import torch
 
 from tasks.components.modeling import load_model, lora_targets
 from tasks.contracts.child_process import WorkerError
-from tasks.contracts.spec_sections import FreezeSpec
-from tasks.contracts.worker_configs import TrainJob, Weights
+from tasks.contracts.spec_sections import FreezeSpec, LoraSpec
+from tasks.contracts.worker_configs import MERGED_START, QuantizedBase, TrainJob, Weights
 
 LAYER = re.compile(r"\.layers\.(\d+)\.")
 
@@ -58,19 +58,19 @@ def merged_start(start: Weights, out: Path, trust_remote_code: bool) -> str:
     """A directory with the start model's adapters merged in (kept in the stage's output)."""
     if not start.adapters:
         return start.model_dir
-    directory = out / "start_model"
+    directory = out / MERGED_START
     if not (directory / "config.json").is_file():
         model = load_model(start.model_dir, start.adapters, merge_all=True, trust_remote_code=trust_remote_code)
         model.save_pretrained(directory, safe_serialization=True)
     return str(directory)
 
 
-def quantization(config: TrainJob, device: torch.device) -> dict[str, Any]:
-    """bitsandbytes' load settings: on a GPU, bf16 compute; on a CPU (bitsandbytes 0.50 quantizes and
-    trains there too), fp32 compute, which is what the CPU computes fastest."""
+def quantization(lora: LoraSpec | QuantizedBase, device: torch.device) -> dict[str, Any]:
+    """bitsandbytes' load settings, as a stage's train.lora asks (the export reads them back from the
+    stage): on a GPU, bf16 compute; on a CPU (bitsandbytes 0.50 quantizes and trains there too),
+    fp32 compute, which is what the CPU computes fastest."""
     from transformers import BitsAndBytesConfig
 
-    lora = config.lora
     check_quantization(lora.quantization_bit, lora.quantization_type, lora.double_quantization, device)
     if lora.quantization_bit == 8:
         quantized = BitsAndBytesConfig(load_in_8bit=True)
@@ -149,7 +149,7 @@ def trainable_model(
         # a quantized load and a reward head both need the start model as one directory
         model_dir, adapters = merged_start(start, Path(config.output_dir), remote_code), []
     if method == "qlora":
-        extra.update(quantization(config, device))
+        extra.update(quantization(config.lora, device))
     dtype = qlora_dtype(device) if method == "qlora" else frozen_dtype if method == "lora" else torch.float32
     model = load_model(model_dir, adapters, device, dtype, remote_code, True, model_class, **extra)
     if reward_head and model.config.pad_token_id is None:

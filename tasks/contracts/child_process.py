@@ -194,8 +194,9 @@ def hide_bitsandbytes() -> None:
 
     peft imports bitsandbytes whenever it is installed, and bitsandbytes' import sets up its
     kernels through torch.compile: about 2.5 s on 2 cores, paid by every process that loads an
-    adapter. Only a qlora training stage quantizes, so every other worker goes without it; peft
-    and transformers read the missing module as "not installed" and use plain layers.
+    adapter. Only a qlora training stage quantizes (and the export of its adapter, to check it
+    against the quantized base), so every other worker goes without it; peft and transformers read
+    the missing module as "not installed" and use plain layers.
     """
     sys.modules.setdefault("bitsandbytes", None)
 
@@ -218,7 +219,7 @@ def worker_entry(main: Callable[[Any], None], config_type: object) -> None:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
         emit(Failed(message=f"{path}: not the config this worker reads ({problems})"))
         sys.exit(2)
-    if getattr(config, "finetuning_type", None) != "qlora":
+    if getattr(config, "finetuning_type", None) != "qlora" and getattr(config, "quantized_base", None) is None:
         hide_bitsandbytes()
     try:
         main(config)

@@ -581,7 +581,16 @@ class ExportSpec(Section):
         gt=0,
         lt=1,
         description="Largest allowed difference between the merged and the adapter model's logits, as a share of "
-        "the largest logit (rounding: about 1e-6 to 3e-5; a wrong merge: 3e-4 and up; docs/measured.md).",
+        "the largest logit, where the check prompts hold text (rounding: 3e-7 to 8e-6; a wrong merge: 4e-4 and up; "
+        "docs/measured.md).",
+    )
+    quantized_kl_ratio: float = Field(
+        1.5,
+        gt=0,
+        description="qlora only: how far the export's next-token distributions may be from the adapter on the "
+        "quantized base it trained on (mean KL on the check prompts), as a multiple of how far quantizing moved "
+        "the base itself (trained adapters: 0.2 to 0.96; random ones that act otherwise on each base: 1.07 to "
+        "7.7; docs/measured.md).",
     )
 
     @model_validator(mode="before")

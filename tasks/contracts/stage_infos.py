@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Self
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.contracts.worker_configs import Weights
+from tasks.contracts.worker_configs import QuantizedBase, Weights
 
 if TYPE_CHECKING:
     from tasks.runtime.stage_output import Manifest
@@ -79,6 +79,7 @@ class TrainInfo(StageInfo):
     stage: str
     finetuning_type: str
     weights: Weights  # what later stages load: a model directory and adapters to put on it
+    quantized_base: QuantizedBase | None = None  # qlora: the base its adapter trained on, as bitsandbytes held it
     trainable_params: int | None = None
     total_params: int | None = None
     resumed_from_step: int | None = None

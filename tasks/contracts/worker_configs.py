@@ -27,6 +27,21 @@ class Weights(WorkerConfig):
     adapters: list[str] = Field(default_factory=list)
 
 
+# where a qlora (or reward) stage keeps its start model with the earlier stages' adapters merged in:
+# bitsandbytes quantizes a model directory as it loads it
+MERGED_START = "start_model"
+
+
+class QuantizedBase(WorkerConfig):
+    """The 4- or 8-bit base a qlora adapter trained on: the directory bitsandbytes quantized, and how
+    (the spec's train.lora settings of that stage)."""
+
+    model_dir: str
+    quantization_bit: Literal[4, 8]
+    quantization_type: Literal["nf4", "fp4"]
+    double_quantization: bool
+
+
 class EvalPrompt(WorkerConfig):
     """An evaluation prompt, placeholders filled: with a reference answer (identity) or accepted answers,
     reference texts or patterns (the other scorers)."""
@@ -89,6 +104,9 @@ class ExportJob(WorkerConfig):
     formats: list[Literal["safetensors", "gguf"]]
     gguf_type: str
     gguf_name: str  # the GGUF file's name without its type: the spec's name
+    # a qlora adapter: the base as it trained on, to check the export against; and how far it may be
+    quantized_base: QuantizedBase | None = None
+    quantized_kl_ratio: float
     output_dir: str
 
 

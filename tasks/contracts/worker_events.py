@@ -134,6 +134,14 @@ class ExportChecked(Event):
     reloaded_logits_rel_diff: float
     logits_scale: float  # the largest |logit| of the adapter model on the check prompts
     shards: int
+    # a qlora adapter: the export against the adapter on its quantized base (the model as trained), and
+    # the full-precision base against the quantized one; mean KL in nats and top-1 agreement at the
+    # unpadded positions; the ratio of the two KLs is what export.quantized_kl_ratio bounds
+    quantized_trained_kl: float | None = None
+    quantized_trained_top1: float | None = None
+    quantized_base_kl: float | None = None
+    quantized_base_top1: float | None = None
+    quantized_kl_ratio: float | None = None
     gguf_file: str | None = None  # export.formats with gguf: the file's name inside model/
     gguf_logits_rel_diff: float | None = None  # the GGUF's logits against the merged model's
     gguf_logits_rtol: float | None = None  # what its type is allowed (tasks/components/gguf_writer.py)

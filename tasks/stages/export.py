@@ -79,6 +79,13 @@ def _build(
     (out / "model" / "lineage.json").write_text(json.dumps(lineage, indent=2))
     write_mlmodel(out / "model")  # the directory, and so the registry version, is an MLflow pyfunc model
     size = sum(p.stat().st_size for p in (out / "model").iterdir())
+    if checked.quantized_kl_ratio is not None:
+        logger.info(
+            "against the adapter on the quantized base it trained on: %.3g nats (mean KL), top-1 agreement %.2f; "
+            "%.2f times the %.3g nats between the quantized and the full-precision base (export.quantized_kl_ratio %g)",
+            checked.quantized_trained_kl, checked.quantized_trained_top1, checked.quantized_kl_ratio,
+            checked.quantized_base_kl, config.quantized_kl_ratio,
+        )  # fmt: skip
     if checked.gguf_file:
         size -= (out / "model" / checked.gguf_file).stat().st_size  # model_size_mb: the safetensors export
         logger.info("GGUF %s: logits within %.1e of the merged model", checked.gguf_file, checked.gguf_logits_rel_diff)
@@ -110,10 +117,11 @@ def merge_and_export(
     }
     # the worker's config; its output directory is the stage's, known once the stage runs
     job = dict(
-        **config.model_dump(include={"max_shard_size", "logits_rtol", "formats", "gguf_type"}),
+        **config.model_dump(include={"max_shard_size", "logits_rtol", "quantized_kl_ratio", "formats", "gguf_type"}),
         gguf_name=name,
         model_path=str(base_model_path(base_model)),
         weights=train.weights,
+        quantized_base=train.quantized_base,
         trust_remote_code=base.trust_remote_code,
     )
     eval_metrics = evaluated.metrics if evaluated else {}

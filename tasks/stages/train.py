@@ -22,7 +22,7 @@ from prefect import get_run_logger, task
 from tasks.contracts.child_process import final, run_worker
 from tasks.contracts.spec_sections import ADAPTER_METHODS, TrainSpec
 from tasks.contracts.stage_infos import ModelInfo, TokenizeInfo, TrainInfo
-from tasks.contracts.worker_configs import TrainJob, Weights
+from tasks.contracts.worker_configs import MERGED_START, QuantizedBase, TrainJob, Weights
 from tasks.contracts.worker_events import Resumed, StepLogged, TrainingDone, TrainingStarted, WorkerEvent
 from tasks.dataset.jsonl import read_jsonl
 from tasks.runtime.background_logging import BackgroundLog, TrackingUnavailable
@@ -189,6 +189,7 @@ def _build(config: TrainSpec, worker: TrainJob, out: Path, run: StageRun, worksp
         stage=config.stage,
         finetuning_type=config.finetuning_type,
         weights=weights,
+        quantized_base=quantized_base(config, worker, published),
         trainable_params=events.started.trainable_params if events.started else None,
         total_params=events.started.total_params if events.started else None,
         resumed_from_step=events.resumed_from.step if events.resumed_from else None,
@@ -197,6 +198,15 @@ def _build(config: TrainSpec, worker: TrainJob, out: Path, run: StageRun, worksp
         reward_model_dir=str(published / "reward_model") if config.stage == "rm" else None,
     )
     return StageResult(metrics=metrics, info=info)
+
+
+def quantized_base(config: TrainSpec, worker: TrainJob, published: Path) -> QuantizedBase | None:
+    """qlora: the directory bitsandbytes quantized (the start model, earlier adapters merged in) and how."""
+    if config.finetuning_type != "qlora":
+        return None
+    model_dir = str(published / MERGED_START) if worker.start.adapters else worker.start.model_dir
+    settings = config.lora.model_dump(include={"quantization_bit", "quantization_type", "double_quantization"})
+    return QuantizedBase(model_dir=model_dir, **settings)
 
 
 def train_run_name() -> str:

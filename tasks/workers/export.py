@@ -2,8 +2,10 @@
 
 Launched by the merge-and-export task (tasks/stages/export.py). Merges the LoRA adapters of the
 training stages into their model (or takes fully fine-tuned weights as they are), checks that
-the merged model's logits match the adapter model's, saves safetensors shards with the
-tokenizer and generation config, then reloads the saved files and checks the logits once more.
+the merged model's logits match the adapter model's (a qlora adapter's export also against the
+adapter on the quantized base it trained on: tasks/components/merge_check.py), saves safetensors
+shards with the tokenizer and generation config, then reloads the saved files and checks the
+logits once more.
 With `export.formats: [safetensors, gguf]` it writes one checked GGUF file of those files, and
 an Ollama Modelfile, beside them (tasks/components/gguf_check.py).
 """
@@ -12,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tasks.components.finetuning_methods import quantization
 from tasks.components.gguf_check import write_checked_gguf
 from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, architecture
-from tasks.components.merge_check import first_lora_delta, logits_gap
+from tasks.components.merge_check import LogitsGap, first_lora_delta, logits_gap, quantized_check
 from tasks.components.modeling import load_model
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.worker_configs import ExportJob
@@ -55,6 +59,83 @@ def logits_for(model, batch) -> torch.Tensor:
     return model(**batch).logits.float()
 
 
+def check_batch(tokenizer):
+    """CHECK_PROMPTS as the chat template puts them, in one left-padded batch."""
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in CHECK_PROMPTS
+    ]
+    tokenizer.padding_side = "left"
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@dataclass
+class Merged:
+    model: torch.nn.Module  # the adapters merged in
+    reference: torch.Tensor  # the logits with the last adapter still separate
+    full_base: torch.Tensor | None  # with it switched off (a qlora adapter's check needs them)
+    logits: torch.Tensor  # the merged model's
+    gap: LogitsGap  # those from the reference
+
+
+def merge(job: ExportJob, batch) -> Merged:
+    """The trained weights as one model, its logits checked against the adapter model's."""
+    weights = job.weights
+    model = load_model(weights.model_dir, weights.adapters, trust_remote_code=job.trust_remote_code).eval()
+    reference, full_base = logits_for(model, batch), None
+    if job.quantized_base:
+        with model.disable_adapter():
+            full_base = logits_for(model, batch)
+    wrong = first_lora_delta(model) if weights.adapters and os.environ.get(FAULT_MERGE_TWICE) else None
+    if weights.adapters:
+        model = model.merge_and_unload()
+    if wrong is not None:  # the fault test's merge bug: one module's change applied a second time
+        with torch.no_grad():
+            wrong[0].weight += wrong[1]
+    logits = logits_for(model, batch)
+    gap = logits_gap(reference, logits, batch["attention_mask"])
+    if gap.relative > job.logits_rtol:
+        raise WorkerError(
+            f"the merged model's logits differ from the adapter model's by {gap.absolute:.2e}, "
+            f"{gap.relative:.1e} of the largest logit ({gap.scale:.3g}); export.logits_rtol is "
+            f"{job.logits_rtol:.0e}. Rounding stays under 1e-5 of it: this merge is wrong, and nothing was exported"
+        )
+    return Merged(model, reference, full_base, logits, gap)
+
+
+def against_quantized_base(job: ExportJob, batch, merged: Merged) -> dict:
+    """A qlora export against the model as it trained: its last adapter on the base bitsandbytes
+    quantized, loaded as the stage loaded it (on this CPU, fp32 compute). Refused when the export is
+    further from it than export.quantized_kl_ratio times the distance between the two bases."""
+    base = job.quantized_base
+    quantized = load_model(
+        base.model_dir, job.weights.adapters[-1], trust_remote_code=job.trust_remote_code,
+        **quantization(base, torch.device("cpu")),
+    ).eval()  # fmt: skip
+    trained = logits_for(quantized, batch)
+    with quantized.disable_adapter():
+        quantized_base = logits_for(quantized, batch)
+    del quantized
+    check = quantized_check(trained, merged.logits, quantized_base, merged.full_base, batch["attention_mask"])
+    what = f"{base.quantization_bit}-bit" + (f" {base.quantization_type}" if base.quantization_bit == 4 else "")
+    if check.ratio > job.quantized_kl_ratio:
+        raise WorkerError(
+            f"the export is not the model that was trained: on the check prompts its next-token distributions are "
+            f"{check.export.kl:.3g} nats (mean KL) from the adapter on the {what} base it trained on, "
+            f"{check.ratio:.2f} times the {check.base.kl:.3g} nats between that base and the full-precision one; "
+            f"export.quantized_kl_ratio is {job.quantized_kl_ratio:g}. On the full-precision base the adapter does "
+            "what it did not do on the base it trained on; nothing was exported (train with finetuning_type lora, "
+            "or raise export.quantized_kl_ratio to export it as it is)"
+        )
+    return dict(
+        quantized_trained_kl=check.export.kl,
+        quantized_trained_top1=check.export.top1,
+        quantized_base_kl=check.base.kl,
+        quantized_base_top1=check.base.top1,
+        quantized_kl_ratio=check.ratio,
+    )
+
+
 def export(job: ExportJob) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
@@ -62,39 +143,19 @@ def export(job: ExportJob) -> None:
     if "gguf" in job.formats:  # a hub model's architecture is first known here: refused before the merge
         with gguf_refusal():
             architecture(Path(job.model_path))
-    remote_code = job.trust_remote_code
-    tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=remote_code)
-    texts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-        for p in CHECK_PROMPTS
-    ]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=job.trust_remote_code)
+    batch = check_batch(tokenizer)
+    merged = merge(job, batch)
+    trained = against_quantized_base(job, batch, merged) if job.quantized_base else {}
 
-    weights = job.weights
-    model = load_model(weights.model_dir, weights.adapters, trust_remote_code=remote_code).eval()
-    reference = logits_for(model, batch)  # with the last adapter still separate
-    wrong = first_lora_delta(model) if weights.adapters and os.environ.get(FAULT_MERGE_TWICE) else None
-    if weights.adapters:
-        model = model.merge_and_unload()
-    if wrong is not None:  # the fault test's merge bug: one module's change applied a second time
-        with torch.no_grad():
-            wrong[0].weight += wrong[1]
-    merged = logits_gap(reference, logits_for(model, batch))
-    if merged.relative > job.logits_rtol:
-        raise WorkerError(
-            f"the merged model's logits differ from the adapter model's by {merged.absolute:.2e}, "
-            f"{merged.relative:.1e} of the largest logit ({merged.scale:.3g}); export.logits_rtol is "
-            f"{job.logits_rtol:.0e}. Rounding stays near 1e-5 of it: this merge is wrong, and nothing was exported"
-        )
-    model.generation_config = GenerationConfig.from_pretrained(job.model_path)
-    model.save_pretrained(out, safe_serialization=True, max_shard_size=job.max_shard_size)
+    merged.model.generation_config = GenerationConfig.from_pretrained(job.model_path)
+    merged.model.save_pretrained(out, safe_serialization=True, max_shard_size=job.max_shard_size)
     tokenizer.padding_side = "right"
     tokenizer.save_pretrained(out)
-    del model
+    del merged.model
 
-    reloaded = load_model(out, trust_remote_code=remote_code).eval()
-    reloaded_gap = logits_gap(reference, logits_for(reloaded, batch))
+    reloaded = load_model(out, trust_remote_code=job.trust_remote_code).eval()
+    reloaded_gap = logits_gap(merged.reference, logits_for(reloaded, batch), batch["attention_mask"])
     if reloaded_gap.relative > job.logits_rtol:
         raise WorkerError(
             f"the saved model's logits differ from the adapter model's by {reloaded_gap.absolute:.2e}, "
@@ -104,12 +165,13 @@ def export(job: ExportJob) -> None:
     gguf = gguf_beside(out, job) if "gguf" in job.formats else {}
     emit(
         ExportChecked(
-            merged_logits_max_diff=merged.absolute,
-            merged_logits_rel_diff=merged.relative,
+            merged_logits_max_diff=merged.gap.absolute,
+            merged_logits_rel_diff=merged.gap.relative,
             reloaded_logits_max_diff=reloaded_gap.absolute,
             reloaded_logits_rel_diff=reloaded_gap.relative,
-            logits_scale=merged.scale,
+            logits_scale=merged.gap.scale,
             shards=len(shards),
+            **trained,
             **gguf,
         )
     )
