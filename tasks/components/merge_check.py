@@ -12,7 +12,7 @@ correct copies of SmolLM2 (2e-5 to 9e-5 of the largest logit, varying from run t
 threads' summation order), against 3e-6 where there is text. Figures: docs/measured.md ("The
 export's logits check").
 
-A qlora adapter trained on a 4- or 8-bit base, and the export puts it on the full-precision one.
+A qlora adapter trained on a 4- or 8-bit base; the export puts it on the full-precision one.
 Against the adapter on the quantized base no logit tolerance means anything: quantizing moves one
 logit by 0.68 of the largest where there is text (NF4 on SmolLM2; int8 0.14), most of it in tokens
 no one would pick. What a user notices is the next-token distribution where there is text, so that
