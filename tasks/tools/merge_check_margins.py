@@ -23,11 +23,10 @@ from pathlib import Path
 
 import torch
 
-from tasks.components.finetuning_methods import quantization
 from tasks.components.merge_check import first_lora_delta, logits_gap, quantized_check
 from tasks.components.modeling import load_model
 from tasks.contracts.worker_configs import QuantizedBase
-from tasks.workers.export import check_batch, logits_for
+from tasks.workers.export import as_trained, check_batch, logits_for
 
 KINDS = {
     "nf4": dict(quantization_bit=4, quantization_type="nf4", double_quantization=True),
@@ -66,11 +65,7 @@ def quantized_rows(model_dir, adapter, batch, figures, kinds) -> list[str]:
     """The qlora check on each kind of quantized base: the export, and the adapter left out."""
     rows = []
     for kind in kinds:
-        settings = QuantizedBase(model_dir=str(model_dir), **KINDS[kind])
-        quantized = load_model(model_dir, adapter, **quantization(settings, torch.device("cpu"))).eval()
-        trained = logits_for(quantized, batch)
-        with quantized.disable_adapter():
-            quantized_base = logits_for(quantized, batch)
+        trained, quantized_base = as_trained(QuantizedBase(model_dir=str(model_dir), **KINDS[kind]), adapter, batch)
         mask = batch["attention_mask"]
         export = quantized_check(trained, figures["exported"], quantized_base, figures["base"], mask)
         left_out = quantized_check(trained, figures["base"], quantized_base, figures["base"], mask)

@@ -25,7 +25,7 @@ from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, architecture
 from tasks.components.merge_check import LogitsGap, first_lora_delta, logits_gap, quantized_check
 from tasks.components.modeling import load_model
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
-from tasks.contracts.worker_configs import ExportJob
+from tasks.contracts.worker_configs import ExportJob, QuantizedBase
 from tasks.contracts.worker_events import ExportChecked
 
 FAULT_MERGE_TWICE = "TUNEFACTORY_FAULT_MERGE_ONE_MODULE_TWICE"  # tests only: a wrong merge the check must catch
@@ -103,19 +103,22 @@ def merge(job: ExportJob, batch) -> Merged:
     return Merged(model, reference, full_base, logits, gap)
 
 
-def against_quantized_base(job: ExportJob, batch, merged: Merged) -> dict:
-    """A qlora export against the model as it trained: its last adapter on the base bitsandbytes
-    quantized, loaded as the stage loaded it (on this CPU, fp32 compute). Refused when the export is
-    further from it than export.quantized_kl_ratio times the distance between the two bases."""
-    base = job.quantized_base
+def as_trained(base: QuantizedBase, adapter: str, batch, trust_remote_code: bool = False):
+    """Logits of the adapter on the base quantized as its stage quantized it (on this CPU, fp32
+    compute), and of that quantized base alone."""
     quantized = load_model(
-        base.model_dir, job.weights.adapters[-1], trust_remote_code=job.trust_remote_code,
-        **quantization(base, torch.device("cpu")),
-    ).eval()  # fmt: skip
+        base.model_dir, adapter, trust_remote_code=trust_remote_code, **quantization(base, torch.device("cpu"))
+    ).eval()
     trained = logits_for(quantized, batch)
     with quantized.disable_adapter():
-        quantized_base = logits_for(quantized, batch)
-    del quantized
+        return trained, logits_for(quantized, batch)
+
+
+def against_quantized_base(job: ExportJob, batch, merged: Merged) -> dict:
+    """A qlora export against the model as it trained (`as_trained`). Refused when the export is
+    further from it than export.quantized_kl_ratio times the distance between the two bases."""
+    base = job.quantized_base
+    trained, quantized_base = as_trained(base, job.weights.adapters[-1], batch, job.trust_remote_code)
     check = quantized_check(trained, merged.logits, quantized_base, merged.full_base, batch["attention_mask"])
     what = f"{base.quantization_bit}-bit" + (f" {base.quantization_type}" if base.quantization_bit == 4 else "")
     if check.ratio > job.quantized_kl_ratio:
