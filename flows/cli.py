@@ -417,19 +417,37 @@ def command_train_node(args: argparse.Namespace) -> int:
 
 
 def command_api(args: argparse.Namespace) -> int:
-    from tasks.tools.api_server import API_KEY_ENV, serve_api
+    from tasks.tools.api_server import API_KEY_ENV, ApiOptions, serve_api
 
-    serve_api(args.model, Path(args.workspace), args.host, args.port, args.api_key or os.environ.get(API_KEY_ENV))
+    options = ApiOptions(
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(API_KEY_ENV),
+        served_name=args.served_model_name,
+        max_body_mb=args.max_body_mb,
+        public_without_key=args.public_without_key,
+    )
+    serve_api(args.model, Path(args.workspace), options)
     return 0
 
 
 def command_generate(args: argparse.Namespace) -> int:
-    from tasks.tools.batch_generate import generate_file
+    from tasks.tools.batch_generate import generate_file, whole_lines
 
-    count = generate_file(
-        args.model, Path(args.input), Path(args.output), Path(args.workspace), args.max_new_tokens, args.batch_size
-    )
-    print(f"tunefactory: {count} answers in {args.output}")
+    target = Path(args.output)
+    try:
+        answered, failed = generate_file(
+            args.model, Path(args.input), target, Path(args.workspace), args.max_new_tokens, args.batch_size
+        )
+    except KeyboardInterrupt:
+        kept = f"{whole_lines(target)} lines kept in {target}; the same command resumes after them"
+        print(f"tunefactory: interrupted; {kept}", file=sys.stderr)
+        return 130
+    if failed:
+        print(f'tunefactory: {answered} answers and {failed} failed lines (with an "error" each) in {target}',
+              file=sys.stderr)  # fmt: skip
+        return 1
+    print(f"tunefactory: {answered} answers in {target}")
     return 0
 
 
@@ -553,6 +571,13 @@ def _using_the_model_commands(commands) -> None:
     api.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNEFACTORY_API_KEY, or none)")
+    api.add_argument(
+        "--served-model-name", help="the name /v1/models and answers show (default: the registry's or directory's)"
+    )
+    api.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get 413 (default: 8)")
+    api.add_argument(
+        "--public-without-key", action="store_true", help="allow a --host other than loopback without an API key"
+    )
     api.set_defaults(handler=command_api)
     generate = commands.add_parser("generate", help="answer a JSON Lines file of prompts or conversations, batched")
     generate.add_argument("model", help="as for api: a directory, or MODEL, MODEL/VERSION, MODEL@ALIAS")

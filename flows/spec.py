@@ -28,6 +28,7 @@ from tasks.contracts.spec_sections import (
     TokenizeSpec,
     TrainSpec,
 )
+from tasks.dataset.registry import check_paths_in_registry
 
 
 class SpecError(ValueError):
@@ -94,6 +95,26 @@ class PipelineSpec(Section):
     @model_validator(mode="after")
     def _chain_is_well_formed(self) -> PipelineSpec:
         self.training_plan()  # raises with the key path of the first stage that cannot run
+        return self
+
+    @model_validator(mode="after")
+    def _data_stays_beside_its_registry(self) -> PipelineSpec:
+        """Every dataset and evaluation set the spec names reads files inside its registry's folder,
+        unless dataset.allow_paths_outside_registry (checked here, so validate, preview, a sweep
+        variant and a run sent through the Prefect API all refuse it before stage one)."""
+        if self.dataset.allow_paths_outside_registry:
+            return self
+        registry = self.dataset.registry
+        check_paths_in_registry("dataset.names", self.dataset.names, registry)
+        for name, stage in {"train": self.train, **self.then}.items():
+            if stage.datasets is not None:
+                key = "train.datasets" if name == "train" else f"then.{name}.datasets"
+                check_paths_in_registry(key, stage.datasets, registry)
+        sets = {"evaluate.identity_prompts": self.evaluate.identity_prompts,
+                "evaluate.control_prompts": self.evaluate.control_prompts,
+                **{f"evaluate.sets.{i}.dataset": s.dataset for i, s in enumerate(self.evaluate.sets)}}  # fmt: skip
+        for key, name in sets.items():
+            check_paths_in_registry(key, [name] if name else [], registry, eval_sets=True)
         return self
 
     def training_plan(self) -> list[PlannedStage]:

@@ -23,6 +23,29 @@ needs_llamafactory_data = pytest.mark.skipif(
     not LLAMAFACTORY_REGISTRY.is_file(), reason=f"LLaMA-Factory's data is not at {LLAMAFACTORY_DATA}"
 )
 
+
+def llama_cpp_or_fail_in_ci():
+    """llama-cpp-python, which `make install` installs from ../shared/wheels/: a test that needs it
+    fails in CI (CI=true) without it, and is skipped elsewhere, saying why."""
+    try:
+        import llama_cpp
+    except ImportError:
+        why = "llama-cpp-python is not installed (make install installs it from ../shared/wheels/)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(why)
+        pytest.skip(why)
+    return llama_cpp
+
+
+def llama_cpp_greedy(llm, prompt: list[int], count: int) -> list[int]:
+    """llama.cpp's greedy continuation of `prompt`: `count` tokens, or up to its end-of-text token."""
+    answer = []
+    for token in llm.generate(prompt, temp=0.0):
+        answer.append(token)
+        if token == llm.token_eos() or len(answer) == count:
+            return answer
+
+
 # The Prefect task run of each stage of an SFT LoRA pipeline, as the Prefect UI names them.
 STAGE_TASK_RUNS = {
     "materialize base model",
@@ -189,6 +212,7 @@ LONGEST_FIRST = [
     "test_schedule.py",
     "test_sweep_compare_lineage.py",
     "test_llamafactory_pipeline.py",
+    "test_memory_failures.py",
 ]
 
 

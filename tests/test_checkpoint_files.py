@@ -1,4 +1,6 @@
-"""Checkpoint files are read as tensors and plain values only: a file that names code is refused."""
+"""Checkpoint files are read as tensors and plain values only: a file that names code is refused.
+(FSDP's and DeepSpeed's files, which their loaders unpickle in full, are checked against the record
+of their sha256 instead: tests/test_distributed_training.py plants one in their checkpoints.)"""
 
 from __future__ import annotations
 

@@ -17,7 +17,13 @@ import yaml
 from conftest import LLAMAFACTORY_DATA, LLAMAFACTORY_REGISTRY, needs_llamafactory_data
 
 from tasks.components.chat_encoding import IGNORE_INDEX, encode_conversation, template_supports_tools
-from tasks.dataset.registry import DataError, DatasetEntry, load_registry, resolve_dataset
+from tasks.dataset.registry import (
+    DataError,
+    DatasetEntry,
+    check_paths_in_registry,
+    load_registry,
+    resolve_dataset,
+)
 from tasks.dataset.sources import source_record
 from tasks.stages.template_dataset import peek_examples
 from tasks.workers.data import TemplateJob, template
@@ -1017,6 +1023,7 @@ def test_every_entry_of_llamafactorys_registry_reads_or_says_why_not():
         examples, sources = peek_examples([name], registry, VALUES, stage_kind(entry))
         assert examples and sources[0]["rows"] > 0, name
         read.append(name)
+    check_paths_in_registry("dataset.names", list(entries), registry)  # every entry reads beside the registry
     assert sorted(read) == sorted(
         ["identity", "alpaca_en_demo", "glaive_toolcall_en_demo", "dpo_en_demo", "kto_en_demo", "wiki_demo", "c4_demo"]
     )
@@ -1074,3 +1081,113 @@ def test_a_registry_that_is_not_an_object_of_entries_is_named(tmp_path: Path, co
     with pytest.raises(DataError) as error:
         load_registry(registry)
     assert str(error.value).startswith(f"{registry}: {message}")
+
+
+# ---------------------------------------------------------------- 8. paths stay beside the registry
+
+SECRET = [{"instruction": "the secret in a file of someone else's", "output": "x"}]
+
+
+def registry_with_escapes(tmp_path: Path) -> str:
+    """A registry whose entries read beside it (plain, in a subfolder, through a link inside) or
+    elsewhere (by '..', an absolute path, a link, a link inside a data folder, a script or hub folder)."""
+    elsewhere = tmp_path / "home" / "notes.json"
+    elsewhere.parent.mkdir(parents=True)
+    elsewhere.write_text(json.dumps(SECRET))
+    registry = make_registry(
+        tmp_path / "reg",
+        {
+            "plain": {"file_name": "rows.json"},
+            "nested": {"file_name": "sub/rows.json"},
+            "linked_inside": {"file_name": "alias.json"},
+            "dotdot": {"file_name": "../home/notes.json"},
+            "absolute": {"file_name": str(elsewhere)},
+            "linked_out": {"file_name": "notes.json"},
+            "folder_linking_out": {"file_name": "parts"},
+            "script_out": {"script_url": "../home"},
+            "hub_folder_out": {"hf_hub_url": str(elsewhere.parent)},
+        },
+        {"rows.json": ROWS, "sub/rows.json": ROWS, "parts/a.json": ROWS},
+    )
+    folder = Path(registry).parent
+    (folder / "alias.json").symlink_to("sub/rows.json")
+    (folder / "notes.json").symlink_to(elsewhere)
+    (folder / "parts" / "b.json").symlink_to(elsewhere)
+    return registry
+
+
+def validate(tmp_path: Path, capsys, dataset: dict, **sections) -> tuple[int, str]:
+    """`tunefactory validate` on a spec of these sections: its exit status and what it printed."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"workspace": str(tmp_path / "ws"), "dataset": dataset, **sections}))
+    from flows.cli import main
+
+    status = main(["validate", str(spec)])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+@pytest.mark.parametrize(
+    ("name", "attribute", "value"),
+    [
+        ("dotdot", "file_name", "'../home/notes.json'"),
+        ("absolute", "file_name", "'{home}/notes.json'"),
+        ("linked_out", "file_name", "'notes.json'"),
+        ("folder_linking_out", "file_name", "'parts'"),
+        ("script_out", "script_url", "'../home'"),
+        ("hub_folder_out", "hf_hub_url", "'{home}'"),
+    ],
+)
+def test_a_dataset_reading_outside_its_registry_folder_is_refused_when_the_spec_is_validated(
+    tmp_path: Path, capsys, name: str, attribute: str, value: str
+):
+    registry = registry_with_escapes(tmp_path)
+    status, output = validate(tmp_path, capsys, {"registry": registry, "names": ["plain", name]})
+    home = (tmp_path / "home").resolve()
+    assert status == 2 and "Traceback" not in output, output
+    assert (
+        f"dataset.names: {registry}: entry {name!r}: {attribute} {value.format(home=tmp_path / 'home')} reads '{home}"
+        in output
+    ), output
+    assert f"outside the registry's folder {Path(registry).parent.resolve()}" in output
+    assert "set dataset.allow_paths_outside_registry: true" in output
+    assert SECRET[0]["instruction"] not in output
+
+
+def test_datasets_beside_the_registry_validate_and_the_named_setting_allows_paths_outside(tmp_path: Path, capsys):
+    registry = registry_with_escapes(tmp_path)
+    status, output = validate(tmp_path, capsys, {"registry": registry, "names": ["plain", "nested", "linked_inside"]})
+    assert status == 0, output
+    opted_in = {"registry": registry, "names": ["dotdot", "linked_out"], "allow_paths_outside_registry": True}
+    status, output = validate(tmp_path, capsys, opted_in)
+    assert status == 0, output
+    examples, _ = peek_examples(["dotdot"], registry, VALUES)
+    assert turns(examples[0])[0] == ("user", SECRET[0]["instruction"])
+
+
+@pytest.mark.parametrize(
+    ("sections", "key"),
+    [
+        ({"train": {"datasets": ["plain", "dotdot"]}}, "train.datasets"),
+        ({"then": {"more": {"datasets": ["absolute"]}}}, "then.more.datasets"),
+        ({"evaluate": {"sets": [{"dataset": "linked_out", "scorer": "contains_any"}]}}, "evaluate.sets.0.dataset"),
+        ({"evaluate": {"identity_prompts": "dotdot"}}, "evaluate.identity_prompts"),
+    ],
+)
+def test_a_stage_dataset_or_an_evaluation_set_reading_outside_is_refused_naming_its_key(
+    tmp_path: Path, capsys, sections: dict, key: str
+):
+    registry = registry_with_escapes(tmp_path)
+    status, output = validate(tmp_path, capsys, {"registry": registry, "names": ["plain"]}, **sections)
+    assert status == 2 and f"{key}: {registry}: entry " in output and "Traceback" not in output, output
+
+
+def test_a_flow_run_sent_through_the_prefect_api_is_refused_by_its_parameter_validation(tmp_path: Path):
+    from prefect.exceptions import ParameterTypeError
+
+    from flows.pipeline import finetune
+
+    registry = registry_with_escapes(tmp_path)
+    spec = {"workspace": str(tmp_path / "ws"), "dataset": {"registry": registry, "names": ["dotdot"]}}
+    with pytest.raises(ParameterTypeError, match="entry 'dotdot': file_name '../home/notes.json'"):
+        finetune.validate_parameters({"spec": spec})

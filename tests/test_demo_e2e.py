@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import llama_cpp_greedy, llama_cpp_or_fail_in_ci
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,3 +88,15 @@ def test_demo_teaches_identity_without_breaking_general_answers(tmp_path: Path):
     )
     assert torch.equal(base["model.embed_tokens.weight"], merged["model.embed_tokens.weight"])
     assert torch.equal(base["model.norm.weight"], merged["model.norm.weight"])
+
+    # llama.cpp, the program the GGUF file is for (Ollama runs it), reads it, splits the prompt into the
+    # tokenizer's ids and answers with the new identity too (last: without llama-cpp-python, a skip outside CI)
+    llama_cpp = llama_cpp_or_fail_in_ci()
+    llm = llama_cpp.Llama(model_path=str(gguf), verbose=False, n_ctx=512)
+    try:
+        prompt = inputs["input_ids"][0].tolist()
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == prompt
+        cpp_answer = llm.detokenize(llama_cpp_greedy(llm, prompt, 30)).decode("utf-8", errors="replace")
+    finally:
+        llm.close()
+    assert "Nova" in cpp_answer or "Acme" in cpp_answer, cpp_answer

@@ -6,6 +6,7 @@ Select them with `pytest -k "ddp or distributed or torchrun"`.
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +16,12 @@ import torch
 from conftest import free_port, tiny_spec
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
+from test_checkpoint_files import RunsCode
 
 from flows.pipeline import finetune
+from tasks.components.training_outputs import CHECKPOINTS
+from tasks.contracts.child_process import WorkerError, run_worker
+from tasks.contracts.worker_configs import TrainJob
 
 REPO = Path(__file__).resolve().parents[1]
 ZERO3 = str(REPO / "deployments" / "deepspeed" / "zero3.json")
@@ -114,6 +119,38 @@ def test_distributed_a_killed_rank_resumes_and_still_trains_as_one_process(
     assert sorted(m.step for m in history) == list(range(1, int(train["metrics"]["steps"]) + 1)), "one curve"
     assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
     assert_two_ranks_shared_the_work(one_process, result, mode)
+    assert_a_planted_or_changed_file_is_refused_without_running(Path(train["output_dir"]), mode)
+
+
+# what each engine's loader unpickles in full (torch's distributed checkpoint its metadata, DeepSpeed
+# its .pt files): one file changed, and one planted beside it under a name the loader also reads
+UNPICKLED = {
+    "fsdp": ("sharded/.metadata", "sharded/__2_0.distcp"),
+    "deepspeed": ("deepspeed/state/zero_pp_rank_0_mp_rank_00_model_states.pt",
+                  "deepspeed/state/zero_pp_rank_0_mp_rank_01_model_states.pt"),  # mp_rank_*: globbed
+}  # fmt: skip
+
+
+def assert_a_planted_or_changed_file_is_refused_without_running(output: Path, mode: str) -> None:
+    """Resume the finished training's newest checkpoint once more, with someone's pickles in it."""
+    checkpoint = max((output / CHECKPOINTS).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    changed, planted = (checkpoint / name for name in UNPICKLED[mode])
+    assert changed.is_file(), f"{mode} keeps its state in {changed.relative_to(checkpoint)}"
+    ran_changed, ran_planted = output.parent / "ran-changed", output.parent / "ran-planted"
+    changed.write_bytes(pickle.dumps(RunsCode(ran_changed)))  # what anyone who can write the workspace could do
+    planted.write_bytes(pickle.dumps(RunsCode(ran_planted)))
+    job = TrainJob.model_validate_json((output / "train_config.json").read_bytes())
+    job = job.model_copy(update={"output_dir": str(output)})  # the config names the output before it was published
+
+    with pytest.raises(WorkerError) as refused:  # one process: the check comes before its engine reads anything
+        run_worker("tasks.workers.train", job, output.parent / "resume.json", on_output=lambda line: None,
+                   torchrun=["--standalone", "--nproc-per-node", "1"])  # fmt: skip
+
+    message = str(refused.value)
+    assert f"{planted}: not written by this training" in message
+    assert f"{changed}: changed since this training wrote it" in message
+    assert f"delete {checkpoint} to resume from the checkpoint before it" in message
+    assert not ran_changed.exists() and not ran_planted.exists(), "no code in either file ran"
 
 
 def test_distributed_two_nodes_joined_by_train_node_train_as_one(one_process, tiny_model, workspace):

@@ -5,7 +5,10 @@ regression. One pipeline on the tiny model; the gate on versions in a real MLflo
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,6 +163,27 @@ def test_user_sets_and_a_benchmark_reach_mlflow_the_comparison_the_card_and_pref
         )
     assert re.search(r"\| bench_tunebench_gk_acc \| \d\.\d{3} \[", artifact.data), artifact.data
     assert "n=12" in artifact.data
+
+
+def test_the_evaluate_log_holds_no_git_error_and_no_benchmark_progress_bars(evaluated, tmp_path: Path):
+    """lm-eval asks git for its version (`fatal: not a git repository` where the user's project is
+    not one) and draws a progress bar per task; the evaluate worker, run again on the pipeline's
+    own config in a directory outside any git repository, prints neither, and still scores."""
+    _, result = evaluated
+    job = json.loads((Path(result["stages"]["evaluate"]["output_dir"]) / "evaluate_config.json").read_text())
+    config = tmp_path / "evaluate_config.json"
+    config.write_text(json.dumps({**job, "output_dir": str(tmp_path), "compare_base": False}))
+    outside_git = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}
+    run = subprocess.run(
+        [sys.executable, "-m", "tasks.workers.evaluate", str(config)],
+        cwd=tmp_path, env=outside_git, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log
+    assert "bench_tunebench_gk_acc" in run.stdout, "the benchmark ran"
+    assert "not a git repository" not in log, log
+    bars = [line for line in re.split(r"[\r\n]", log) if re.search(r"\d+%\|", line) and "Loading weights" not in line]
+    assert not bars, bars
 
 
 @pytest.mark.parametrize(

@@ -187,3 +187,72 @@ def test_the_registered_version_loads_as_an_mlflow_model_and_answers(first_run):
         assert torch.equal(weight, served[name]), name
     expected = generate_answers(local.model, local.tokenizer, conversations, 4, 8, "cpu")
     assert list(rows) == list(table) == expected
+
+
+def documented_serve_block() -> tuple[str, dict]:
+    """docs/using-the-model.md's `mlflow models serve` command, as one line, and the request it posts."""
+    import re
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "using-the-model.md").read_text()
+    block = re.search(r"```bash\n(MLFLOW_TRACKING_URI=.*?mlflow models serve.*?)```", page, re.S).group(1)
+    command = block.split("\ncurl")[0].replace("\\\n", " ").strip()
+    request = json.loads(re.search(r"-d '(.*)'", block).group(1))
+    return command, request
+
+
+def test_the_documented_models_serve_command_answers_without_the_venv_on_path(first_run, tmp_path: Path):
+    """mlflow starts `uvicorn` by name: the documented command must find it with the venv not activated."""
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+    from conftest import free_port, wait_for
+
+    from tasks.components.generation import generate_answers
+    from tasks.runtime.mlflow_model import ChatModel
+
+    _, result = first_run
+    command, request = documented_serve_block()
+    port = free_port()
+    command = (
+        command.replace("sqlite:///workspace/mlflow.db", result["tracking"]["uri"])
+        .replace("self-cognition@champion", "tiny-test@candidate")
+        .replace("--port 5001", f"--port {port}")
+        .replace("$PWD/.venv", sys.prefix)  # where this venv is, wherever the checkout keeps it
+    )
+    venv_bin = str(Path(sys.prefix) / "bin")
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p and Path(p) != Path(venv_bin))
+    env = {"PATH": path, "HOME": os.environ.get("HOME", str(tmp_path)), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            ["bash", "-c", command], env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        up = lambda: server.poll() is not None or _answers(f"http://127.0.0.1:{port}/ping")  # noqa: E731
+        wait_for(up, 240, "mlflow models serve to answer /ping")
+        assert server.poll() is None, log.read_text()[-3000:]
+        request["params"]["max_new_tokens"] = 4
+        response = httpx.post(f"http://127.0.0.1:{port}/invocations", json=request, timeout=120)
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # the mlflow command and the uvicorn it started
+            os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    assert response.status_code == 200, response.text
+    local = ChatModel(Path(result["stages"]["export"]["output_dir"]) / "model")
+    conversations = [row["messages"] for row in request["inputs"]]
+    assert response.json() == {
+        "predictions": generate_answers(local.model, local.tokenizer, conversations, 4, 8, "cpu")
+    }
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -14,10 +14,12 @@ names without loading torch.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from tasks.dataset.registry import DataError
 
@@ -139,6 +141,36 @@ def metric_key(task: str, metric: str) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", f"bench_{task}_{measure}{suffix}")
 
 
+@contextlib.contextmanager
+def quiet_lm_eval():
+    """lm-eval without what it prints for itself into the evaluate log.
+
+    - `fatal: not a git repository`: `simple_evaluate` runs `git describe` in the working
+      directory for the git hash it records in its results (which tunefactory does not read),
+      and git's error goes to the worker's stderr wherever the user's project is not a repository;
+    - a progress bar per task and per step (building requests, tokenizing, log-likelihoods), drawn
+      with tqdm in three of its modules, two of them with no way to turn it off;
+    - its warnings about being handed a loaded model: `setup_logging("ERROR")` is lm-eval's own
+      switch (`simple_evaluate`'s `verbosity` is applied only after the run).
+    """
+    import lm_eval.api.model
+    import lm_eval.api.task
+    import lm_eval.evaluator
+    import lm_eval.models.huggingface
+    from lm_eval.utils import setup_logging
+    from tqdm import tqdm
+
+    def no_bar(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": True})
+
+    setup_logging("ERROR")
+    with contextlib.ExitStack() as patches:
+        for module in (lm_eval.api.model, lm_eval.api.task, lm_eval.models.huggingface):
+            patches.enter_context(mock.patch.object(module, "tqdm", no_bar))
+        patches.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        yield
+
+
 def run_benchmarks(model, tokenizer, job) -> dict[str, float]:
     """Score a loaded model on the job's benchmarks: each metric with its sample size and stderr."""
     import lm_eval
@@ -146,17 +178,17 @@ def run_benchmarks(model, tokenizer, job) -> dict[str, float]:
     from lm_eval.tasks import TaskManager
 
     tasks = [task_config(t["name"], t["file"]) if t.get("file") else t["name"] for t in job.tasks]
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=job.batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=job.num_fewshot,
-        limit=job.limit,
-        task_manager=TaskManager(verbosity="ERROR", include_defaults=any(isinstance(t, str) for t in tasks)),
-        bootstrap_iters=1000,
-        log_samples=False,
-        verbosity="ERROR",
-    )
+    with quiet_lm_eval():
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=job.batch_size)
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            num_fewshot=job.num_fewshot,
+            limit=job.limit,
+            task_manager=TaskManager(verbosity="ERROR", include_defaults=any(isinstance(t, str) for t in tasks)),
+            bootstrap_iters=1000,
+            log_samples=False,
+        )
     metrics: dict[str, float] = {}
     for task, values in results["results"].items():
         n = int(results["n-samples"].get(task, {}).get("effective", 0))

@@ -12,6 +12,7 @@ a model directory and the adapters of earlier stages, merged in) and applies the
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,8 @@ def quantization(lora: LoraSpec | QuantizedBase, device: torch.device) -> dict[s
     fp32 compute, which is what the CPU computes fastest."""
     from transformers import BitsAndBytesConfig
 
+    if lora.quantization_bit == 8:
+        quiet_int8_cast_notice()
     check_quantization(lora.quantization_bit, lora.quantization_type, lora.double_quantization, device)
     if lora.quantization_bit == 8:
         quantized = BitsAndBytesConfig(load_in_8bit=True)
@@ -83,6 +86,22 @@ def quantization(lora: LoraSpec | QuantizedBase, device: torch.device) -> dict[s
         )
     place = {"": torch.cuda.current_device()} if device.type == "cuda" else "cpu"
     return {"quantization_config": quantized, "device_map": place}
+
+
+INT8_CAST_NOTICE = "MatMul8bitLt: inputs will be cast"
+
+
+def not_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(INT8_CAST_NOTICE)
+
+
+def quiet_int8_cast_notice() -> None:
+    """Drop bitsandbytes' "MatMul8bitLt: inputs will be cast from torch.float32 to float16" (a logging
+    warning, not warnings.warn), logged for every 8-bit layer at every forward: casting is how its
+    int8 matmul works, and nothing a user can change. Its other messages stay."""
+    cast_logger = logging.getLogger("bitsandbytes.autograd._functions")
+    if not_int8_cast_notice not in cast_logger.filters:
+        cast_logger.addFilter(not_int8_cast_notice)
 
 
 def check_quantization(bits: int, kind: str, double: bool, device: torch.device) -> None:

@@ -5,12 +5,13 @@ Models of model_type llama (checked on SmolLM2 and the tests' tiny Llama). Their
 are stored permuted, as llama.cpp's converter stores them (transformers undoes that when it
 reads a GGUF). Weight matrices take the chosen type; norms stay f32. The tokenizer (GPT-2 style
 BPE from tokenizer.json), its merges, special tokens and chat template go into the file's
-metadata, so the file alone is a model: transformers loads it with `gguf_file=`; the
-pre-tokenizer is named as llama.cpp names the split in tokenizer.json (`pretokenizer_name`).
+metadata, so the file alone is a model: transformers loads it with `gguf_file=`, llama.cpp and
+Ollama too once the pre-tokenizer bears the name llama.cpp knows it by (`pretokenizer_name`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -24,6 +25,33 @@ from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, GGUF_TYPES
 # base / after the demo's LoRA merge: f16 8.7e-4 / 1.5e-3, bf16 5.0e-3 / 5.1e-3, q8_0 2.2e-2 / 2.8e-2;
 # a writer that forgot llama.cpp's q/k layout: 0.29 (docs/using-the-model.md)
 LOGITS_RTOL = {"f32": 1e-5, "f16": 5e-3, "bf16": 2e-2, "q8_0": 6e-2}
+
+
+# The text llama.cpp's converter (convert_hf_to_gguf.py, get_vocab_base_pre) tokenizes to tell BPE
+# pre-tokenizers apart: whitespace runs, emoji, digit groups, scripts written without spaces,
+# punctuation runs and contractions, where splits differ. It must be that text to the character,
+# as the sha256 below are of the ids it gives (str() of the list, as the converter hashes them).
+PRETOKENIZER_PROBE = (
+    "\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n"
+    "\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 "
+    "3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 "
+    "\u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 "
+    "?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= "
+    "\u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 "
+    "''''''```````\"\"\"\"......!!!!!!?????? I've been 'told he's there, 'RE you sure? "
+    "'M not sure I'll make it, 'D you like some tea? We'Ve a'lL"
+)
+
+# sha256 of the probe's ids -> llama.cpp's name and the tokenizers it stands for, as llama.cpp's
+# converter records them, for tokenizers of llama-architecture models. smollm checked here: the
+# packaged SmolLM2 as transformers converts it (its tokenizer.json drops SmolLM's digit split, but
+# no token of its vocabulary holds two digits or a space before one, so the ids are the same) gives it
+PRETOKENIZERS = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": ("smollm", "SmolLM, SmolLM2"),
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": ("llama-bpe", "Llama 3"),
+    "049ecf7629871e3041641907f3de7c733e4dbfdc736f57d882ba0b0845599754": ("deepseek-llm", "DeepSeek LLM"),
+    "347715f544604f9118bb75ed199f68779f423cabb20db6de6f31b908d04d7821": ("deepseek-coder", "DeepSeek Coder"),
+}
 
 
 class GGUFError(ValueError):
@@ -52,6 +80,18 @@ def _add_hyperparameters(writer: gguf.GGUFWriter, config: dict) -> None:
     writer.add_vocab_size(config["vocab_size"])
 
 
+def _added_token_kinds(model_dir: Path, kinds: list[int]) -> list[int]:
+    """`kinds` with the tokenizer's added tokens marked as llama.cpp's converter marks them.
+
+    llama.cpp matches a prompt's `<|im_start|>` whole only when its type is control (special) or
+    user-defined (other added tokens); as a normal token the chat markers were split into text.
+    """
+    added = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens") or []
+    for token in added:
+        kinds[token["id"]] = gguf.TokenType.CONTROL if token.get("special") else gguf.TokenType.USER_DEFINED
+    return kinds
+
+
 def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> None:
     try:
         vocab = gguf.vocab.BpeVocab(model_dir)
@@ -62,7 +102,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path) -> None:
     writer.add_tokenizer_pre(pretokenizer_name(model_dir))
     writer.add_token_list(list(tokens))
     writer.add_token_scores(list(scores))
-    writer.add_token_types(list(kinds))
+    writer.add_token_types(_added_token_kinds(model_dir, list(kinds)))
     gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
 
 
@@ -79,19 +119,23 @@ def check_type(gguf_type: str, where: str) -> None:
 def pretokenizer_name(model_dir: Path) -> str:
     """llama.cpp's name for how the tokenizer splits text before BPE (`tokenizer.ggml.pre`).
 
-    llama.cpp applies the split that name stands for, not the one in tokenizer.json, so a wrong
-    name tokenizes digits and punctuation differently there (transformers reads it either way).
+    Found as llama.cpp's converter finds it, by the token ids the tokenizer gives PRETOKENIZER_PROBE:
+    llama.cpp applies the split the name stands for, not the one in tokenizer.json, and refuses a
+    file whose name it does not know; transformers' GGUF reader ignores the name.
     """
+    from transformers import AutoTokenizer  # only where a file is written (the CLI imports GGUFError)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    digest = hashlib.sha256(str(tokenizer.encode(PRETOKENIZER_PROBE)).encode()).hexdigest()
+    if digest in PRETOKENIZERS:
+        return PRETOKENIZERS[digest][0]
     pre = json.loads((Path(model_dir) / "tokenizer.json").read_text(encoding="utf-8")).get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [part.get("type") for part in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt2"  # GPT-2's regex: what transformers' own GGUF reader gives SmolLM2, and so our exports
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"  # every digit alone, then GPT-2's regex: SmolLM's tokenizer.json
+    kinds = " + ".join(str(part.get("type")) for part in parts) or "nothing"
+    known = ", ".join(f"{name} ({models})" for name, models in PRETOKENIZERS.values())
     raise GGUFError(
-        f"{model_dir}: tokenizer.json splits text with {' + '.join(map(str, kinds)) or 'nothing'}; the GGUF writer "
-        "knows GPT-2's byte-level split and SmolLM's (digits, then byte-level)"
+        f"{model_dir}: its tokenizer is not one the GGUF writer can name for llama.cpp (tokenizer.json split: "
+        f"{kinds}; sha256 of its ids on llama.cpp's check text: {digest[:12]}); known: {known}"
     )
 
 

@@ -17,11 +17,13 @@ The estimate adds what a pt/sft step holds at its peak (tasks/workers/train.py):
 The widest micro-batch is the step's: `batch_size` examples of the longest length (batches group
 similar lengths, and one of them holds the longest example).
 
-When it does not fit the budget (`train.max_memory`, else the memory the device has free), the
-plan falls back in this order: each batch split into 2, 4, ... micro-batches whose gradients are
-accumulated before the one optimizer step (the step, its examples and its loss stay the same);
-then the same with gradient checkpointing; and refuses only when a micro-batch of one example
-with checkpointing does not fit.
+The plan keeps 10% of the budget (`train.max_memory`, else the memory the device has free) free:
+the estimate is not exact, and the allocator's fragments and other programs take their share.
+When the step does not fit the rest, the plan falls back in this order: each batch split into 2,
+4, ... micro-batches whose gradients are accumulated before the one optimizer step (the step, its
+examples and its loss stay the same); then the same with gradient checkpointing; and refuses only
+when a micro-batch of one example with checkpointing does not fit. A step that runs out of memory
+all the same is retried once by the train task with each batch split twice as much (`least_split`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 PROCESS_BYTES = {"cpu": 1.2e9, "cuda": 0.6e9}  # interpreter and libraries (CPU: resident); CUDA: context, cuBLAS
 OPTIMIZER_BYTES = 12  # fp32 gradient and AdamW's two moments, per trainable parameter
+HEADROOM = 0.10  # of the budget left unplanned: an estimate that reached 100% of it left nothing for its error
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,7 @@ class MemoryPlan:
     def describe(self) -> str:
         gb = 1e9
         asked = f"memory: the step needs about {self.unsplit_bytes / gb:.1f} GB as asked"
-        budget = f"budget {self.budget_bytes / gb:.1f} GB"
+        budget = f"budget {self.budget_bytes / gb:.1f} GB ({1 - HEADROOM:.0%} of it planned)"
         if self.estimate_bytes == self.unsplit_bytes:
             return f"{asked}; {budget}: it fits"
         how = f"each batch in {self.split} micro-batches, gradients accumulated" if self.split > 1 else "unsplit"
@@ -96,12 +99,16 @@ def splits(rows: int) -> list[int]:
     return [*found, rows]
 
 
-def plan_memory(shape: StepShape, budget: float, checkpointing: bool) -> MemoryPlan | None:
-    """The first of the fallbacks that fits `budget`; None when none does."""
+def plan_memory(shape: StepShape, budget: float, checkpointing: bool, least_split: int = 1) -> MemoryPlan | None:
+    """The first of the fallbacks that fits `budget` less its headroom; None when none does.
+
+    least_split: split each batch at least this much (a retry after the estimate fell short).
+    """
     unsplit = step_bytes(shape, 1, checkpointing)
+    least = min(least_split, shape.rows)
     for use_checkpointing in dict.fromkeys([checkpointing, True]):
         for split in splits(shape.rows):
             needed = step_bytes(shape, split, use_checkpointing)
-            if needed <= budget:
+            if split >= least and needed <= budget * (1 - HEADROOM):
                 return MemoryPlan(split, use_checkpointing, needed, budget, unsplit)
     return None

@@ -54,13 +54,34 @@ class WorkerError(RuntimeError):
     """A worker failed; the message says why in words meant for the user."""
 
 
+class ProbablyOutOfMemory(WorkerError):
+    """A worker died without a word (a signal) while the kernel's out-of-memory killer killed a process."""
+
+
+VMSTAT = Path("/proc/vmstat")  # Linux's counters since boot, its oom_kill among them (kernel 4.13 and later)
+
+
+def oom_kills() -> int | None:
+    """How many processes the kernel's out-of-memory killer has killed on this machine, or None where unknown.
+
+    It counts the kills of every cgroup's limit too, so a worker killed while it rose was probably
+    killed for memory: probably, because the count is the machine's, not the worker's.
+    """
+    try:
+        counters = dict(line.split() for line in VMSTAT.read_text().splitlines() if line.count(" ") == 1)
+        return int(counters["oom_kill"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 EVENTS: TypeAdapter[WorkerEvent] = TypeAdapter(WorkerEvent)
 EventKind = TypeVar("EventKind", bound=Event)
 
 
-def emit(event: Event) -> None:
-    """Send one event from a worker to the task that launched it (from rank 0 only, under torchrun)."""
-    if os.environ.get("RANK", "0") == "0":
+def emit(event: Event, every_rank: bool = False) -> None:
+    """Send one event from a worker to the task that launched it (from rank 0 only, under torchrun,
+    unless `every_rank`: what one rank alone may have to say, as that it ran out of memory)."""
+    if every_rank or os.environ.get("RANK", "0") == "0":
         print(EVENT_PREFIX + event.model_dump_json(), flush=True)
 
 
@@ -161,7 +182,7 @@ def _run(
         preexec_fn=die_with_parent,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    error, events = None, []
+    error, events, kills_before = None, [], oom_kills()
     try:
         assert process.stdout is not None
         for line in process.stdout:
@@ -185,6 +206,12 @@ def _run(
         reason = error or f"exited with code {returncode}" + (
             f" (killed by signal {-returncode})" if returncode < 0 else ""
         )
+        kills_after = oom_kills()
+        if error is None and kills_before is not None and kills_after is not None and kills_after > kills_before:
+            raise ProbablyOutOfMemory(
+                f"{module}: {reason}, probably out of memory: the kernel's out-of-memory killer killed "
+                f"{kills_after - kills_before} process(es) on this machine while it ran"
+            )
         raise WorkerError(f"{module}: {reason}")
     return events
 

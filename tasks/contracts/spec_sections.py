@@ -138,6 +138,12 @@ class DatasetSpec(Section):
         description="A row that cannot be read: error stops the run before training, naming the dataset, row "
         "and reason; skip leaves it out and counts it per reason (log, MLflow metrics, preview).",
     )
+    allow_paths_outside_registry: bool = Field(
+        False,
+        description="Let a registry entry's file_name, script_url or local hf_hub_url read files outside the "
+        "registry's folder (an absolute path, '..', a symlink leading out). Off: such an entry is refused when "
+        "the spec is validated, since a spec sent through the Prefect API or a sweep could name any file.",
+    )
 
     @field_validator("template_vars")
     @classmethod

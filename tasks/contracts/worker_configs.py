@@ -164,6 +164,8 @@ class TrainJob(TrainSpec):
     reward_model_dir: str | None = None  # ppo: the rm stage's scoring model
     # distributed: deepspeed: the deepspeed_config file's settings as the task read them (DeepSpeed's own mapping)
     deepspeed_resolved: dict[str, Any] | None = None
+    # pt/sft: split each batch into at least this many micro-batches (the retry of a step that ran out of memory)
+    least_micro_batch_split: int = Field(1, ge=1)
 
 
 class BenchTrlJob(TrainJob):

@@ -92,6 +92,37 @@ class Resumed(Event):
     checkpoint: str
 
 
+MEMORY_REMEDY = (
+    "lower train.max_memory (the plan then splits each batch into more micro-batches) or set "
+    "train.gradient_checkpointing: true, and the stage resumes from its newest checkpoint; or lower "
+    "train.batch_size or tokenize.cutoff_len, and it trains anew"
+)
+
+
+class RanOutOfMemory(Event):
+    """A pt/sft step did not fit (torch.OutOfMemoryError): where, and what the memory plan had allowed it."""
+
+    type: Literal["out_of_memory"] = "out_of_memory"
+    step: int  # the optimizer step that did not fit
+    device: str
+    detail: str  # the first line of torch's message
+    micro_batch_split: int
+    rows: int  # examples per micro-batch on this process
+    memory_estimate_mb: int
+    memory_budget_mb: int
+    max_memory: str | None = None  # train.max_memory, when it set the budget
+
+    def explain(self) -> str:
+        gb = 2**20 / 1e9  # the plan's figures are in MiB, its messages in GB
+        budget = f"{self.memory_budget_mb * gb:.1f} GB" + (f" (train.max_memory {self.max_memory})"
+                                                           if self.max_memory else " (the memory free)")  # fmt: skip
+        return (
+            f"ran out of memory at step {self.step} on {self.device} ({self.detail}): the memory plan estimated "
+            f"{self.memory_estimate_mb * gb:.1f} GB for micro-batches of {self.rows} examples (each batch in "
+            f"{self.micro_batch_split}), within a budget of {budget}; {MEMORY_REMEDY}"
+        )
+
+
 class TrainingDone(Event):
     type: Literal["done"] = "done"
     step: int
@@ -172,6 +203,7 @@ WorkerEvent = Annotated[
     | Checkpointed
     | Resumed
     | TrainingDone
+    | RanOutOfMemory
     | Evaluated
     | ExportChecked
     | BenchTrlDone,

@@ -16,7 +16,9 @@ Each entry names where its rows are and how to read them:
               assistant_tag, observation_tag, function_tag, system_tag
 
 The registry file is read whole, but an entry is checked only when a spec names it, so an
-entry this machine cannot load never blocks the ones it can. Rows become examples in
+entry this machine cannot load never blocks the ones it can. What an entry reads on this machine
+stays inside the registry's folder unless the spec sets dataset.allow_paths_outside_registry
+(`check_paths_in_registry`, run when the spec is validated). Rows become examples in
 `tasks/dataset/rows.py`; sources are loaded in `tasks/dataset/sources.py`.
 """
 
@@ -68,6 +70,7 @@ OPENAI_TAGS = {
     "function_tag": "function",
     "system_tag": "system",
 }
+OUTSIDE_SETTING = "dataset.allow_paths_outside_registry"  # the spec's opt-in to reading files elsewhere
 SOURCE_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name", "file_name")
 
 
@@ -240,6 +243,51 @@ def resolve_dataset(name: str, registry: str | Path | None = None) -> DatasetEnt
         raise DataError(f"{registry_path}: entry {name!r}: {problems}") from None
     check_entry(entry)
     return entry
+
+
+def _local_source(entry: DatasetEntry) -> tuple[str, str, Path] | None:
+    """The attribute, its value and the local file or folder an entry reads; None for a hub id or a cloud file."""
+    kind, location = entry.source()
+    if kind in ("file", "script"):
+        return ("file_name" if kind == "file" else "script_url"), location, entry.local_path(location)
+    if kind == "hf_hub" and Path(location).exists():  # a local folder is loaded as a hub id would be
+        return "hf_hub_url", location, Path(location)
+    return None
+
+
+def _first_outside(path: Path, folder: Path) -> Path | None:
+    """The real path (symlinks followed) of `path`, or of a file in it, that is not inside `folder`;
+    a folder's own files count, since a link inside a data folder can lead anywhere."""
+    try:
+        for item in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+            real = item.resolve()
+            if not real.is_relative_to(folder):
+                return real
+    except (OSError, ValueError):  # a name no file can have (a NUL, too long): the loader says it does not exist
+        return None
+    return None
+
+
+def check_paths_in_registry(key: str, names: list[str], registry: str | Path | None, eval_sets: bool = False) -> None:
+    """Refuse a named entry that reads a file outside its registry's folder (a '..', an absolute
+    path, a symlink), naming the key, the registry, the entry, the path and the setting that
+    allows it: a spec arriving through the Prefect API or a sweep could otherwise read any file
+    the machine can read into training data and MLflow. Entries that do not resolve are left to
+    the checks before stage one, whose messages say why."""
+    for name in names:
+        try:
+            entry = resolve_eval_set(name, registry) if eval_sets else resolve_dataset(name, registry)
+        except DataError:
+            continue
+        local = _local_source(entry)
+        folder = Path(entry.registry).absolute().parent.resolve()
+        real = _first_outside(local[2], folder) if local else None
+        if local and real:
+            attribute, location, _ = local
+            raise DataError(
+                f"{key}: {entry.registry}: entry {name!r}: {attribute} {location!r} reads {str(real)!r}, outside the "
+                f"registry's folder {folder}; move the data beside the registry, or set {OUTSIDE_SETTING}: true"
+            )
 
 
 def resolve_eval_set(name: str, registry: str | Path | None) -> DatasetEntry:

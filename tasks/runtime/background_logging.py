@@ -19,13 +19,10 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 
 from tasks.runtime.redaction import redact_uri
-from tasks.runtime.tracking import StageRun, flatten
+from tasks.runtime.tracking import StageRun, TrackingUnavailable, flatten, mlflow_wait_s
 
+__all__ = ["BackgroundLog", "TrackingUnavailable"]
 MAX_METRICS_PER_CALL = 1000  # MLflow's limit for one log_batch
-
-
-class TrackingUnavailable(RuntimeError):
-    """MLflow did not take what a stage logged before the stage had to end."""
 
 
 class BackgroundLog:
@@ -105,8 +102,9 @@ class BackgroundLog:
     def _where(self) -> str:
         return redact_uri(str(self.run.client.tracking_uri))
 
-    def close(self, wait_s: float = 120.0) -> None:
-        """Send everything queued, waiting up to `wait_s` for a server that does not answer."""
+    def close(self, wait_s: float | None = None) -> None:
+        """Send everything queued, waiting up to `wait_s` (the setting) for a server that does not answer."""
+        wait_s = mlflow_wait_s() if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
         with self._changed:
             self._closing = True

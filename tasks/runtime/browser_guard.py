@@ -5,8 +5,8 @@ CSRF protection is off), and MLflow's allow every page served from localhost, on
 any private address as Host. While `tunefactory serve` or a worker runs, such a page could
 create a flow run with a spec of its choosing (a hub repository with `trust_remote_code`: code
 execution), or move a registry alias that `promote` and `api` trust. So every server
-tunefactory starts (`ui start`'s two, a command's temporary Prefect server) runs its app
-behind `BrowserGuard`:
+tunefactory starts (`ui start`'s two, a command's temporary Prefect server, `tunefactory api` on
+loopback) runs its app behind `BrowserGuard`:
 
 - a request whose Host header is not the loopback address it serves is refused: a page whose
   domain is rebound to 127.0.0.1 (DNS rebinding) is same-origin to the browser, and only the
@@ -28,8 +28,8 @@ MLFLOW_APP_NAME = "tunefactory-guarded"  # the `mlflow.app` entry point in pypro
 LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
-def own_origins(port: int) -> list[str]:
-    return [f"http://{name}:{port}" for name in LOOPBACK_NAMES]
+def own_origins(port: int, names: tuple[str, ...] = LOOPBACK_NAMES) -> list[str]:
+    return [f"http://{name}:{port}" for name in names]
 
 
 def guard_environment(port: int) -> dict[str, str]:
@@ -44,10 +44,11 @@ def guard_environment(port: int) -> dict[str, str]:
 class BrowserGuard:
     """ASGI middleware: 403 for a foreign Host or Origin header (see the module's docstring)."""
 
-    def __init__(self, app, port: int):
+    def __init__(self, app, port: int, names: tuple[str, ...] = LOOPBACK_NAMES):
+        """names: the server's own, as Host headers write them (`[::1]` for an IPv6 address)."""
         self.app = app
-        self.hosts = {name.encode() for name in LOOPBACK_NAMES} | {f"{n}:{port}".encode() for n in LOOPBACK_NAMES}
-        self.origins = {origin.encode() for origin in own_origins(port)}
+        self.hosts = {name.encode() for name in names} | {f"{name}:{port}".encode() for name in names}
+        self.origins = {origin.encode() for origin in own_origins(port, names)}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):

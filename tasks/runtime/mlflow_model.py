@@ -4,7 +4,9 @@ and so each registry version, a pyfunc model whose loader is this module.
     mlflow.pyfunc.load_model("models:/self-cognition@champion").predict(
         [{"messages": [{"role": "user", "content": "Who are you?"}]}]
     )
-    mlflow models serve -m models:/self-cognition@champion --env-manager local
+    PATH="$PWD/.venv/bin:$PATH" mlflow models serve -m models:/self-cognition@champion --env-manager local
+
+(mlflow starts `uvicorn` by name, from PATH: docs/using-the-model.md.)
 
 Its input is rows with a column `messages` (a conversation: role and content of each turn),
 its output the assistant's next turn per row (greedy, through the model's chat template, as the

@@ -27,7 +27,15 @@ from pydantic import BaseModel, Field
 from tasks.contracts.stage_infos import StageInfo
 from tasks.dataset.sources import sha256_file  # one file hash for stage outputs and data sources
 from tasks.runtime.locks import file_lock
-from tasks.runtime.tracking import StageRun, Tracking, record_reused_stage, stage_run
+from tasks.runtime.tracking import (
+    PARENT_TAG,
+    StageRun,
+    Tracking,
+    TrackingUnavailable,
+    record_reused_stage,
+    stage_run,
+    warn_in_log,
+)
 
 PARTIAL_SUFFIX = ".partial"
 MANIFEST = "manifest.json"
@@ -237,20 +245,60 @@ def run_stage(
     workspace, tracking = ctx.workspace, ctx.tracking
     key = cache_key(stage, config, upstream, version)
     with stage_lock(workspace, stage, key):
+        attempt = stage_dir(workspace, stage, key).with_name(key + ".attempt")
         finished = load_finished(workspace, stage, key)
+        if finished is not None and attempt.is_file() and attempt.read_text().strip() == finished.mlflow_run_id:
+            built_here = close_missed_run(tracking, finished)
+            attempt.unlink()
+            if built_here:  # this pipeline run's own earlier attempt built it: not a reuse
+                return finished.model_copy(update={"elapsed_s": round(time.time() - started, 2)})
         if finished is not None:
             record_reused_stage(tracking, stage, key, finished.mlflow_run_id)
             return finished.model_copy(update={"reused": True, "elapsed_s": round(time.time() - started, 2)})
-        attempt = stage_dir(workspace, stage, key).with_name(key + ".attempt")
         earlier_run = attempt.read_text().strip() if resumable and attempt.is_file() else None
-        with stage_run(tracking, stage, config, continue_run_id=earlier_run) as run:
-            attempt.write_text(run.run_id)
-            run.set_tags({"cache_key": key})
-            manifest = build_output(workspace, stage, key, lambda out: build(out, run), run.run_id, resumable)
-            run.log_metrics(manifest.metrics)
-            run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+        manifest = None
+        try:
+            with stage_run(tracking, stage, config, continue_run_id=earlier_run) as run:
+                attempt.write_text(run.run_id)
+                run.set_tags({"cache_key": key})
+                manifest = build_output(workspace, stage, key, lambda out: build(out, run), run.run_id, resumable)
+                log_stage_end(run, manifest)
+        except TrackingUnavailable as missed:
+            if manifest is None:
+                raise
+            raise TrackingUnavailable(
+                f"{missed}. Stage {stage}'s output is complete and kept ({manifest.output_dir}): "
+                "running the stage again logs what MLflow missed instead of rebuilding it"
+            ) from missed
         attempt.unlink()
     return manifest.model_copy(update={"elapsed_s": round(time.time() - started, 2)})
+
+
+def log_stage_end(run: StageRun, manifest: Manifest, metrics: dict[str, float] | None = None) -> None:
+    """What a stage's run gets once its output is in place: the metrics (all, or `metrics`) and the manifest."""
+    run.log_metrics(manifest.metrics if metrics is None else metrics)
+    run.log_text(manifest.model_dump_json(indent=2), "manifest.json")
+
+
+def close_missed_run(tracking: Tracking, manifest: Manifest) -> bool:
+    """Log what MLflow missed at the end of the attempt that built `manifest`, and close its run.
+
+    Whether that run is a stage run of this pipeline run (a retry), not of an earlier one."""
+    from mlflow.exceptions import MlflowException
+
+    run = StageRun(tracking.client(), str(manifest.mlflow_run_id))
+    try:
+        logged = run.fetch()
+    except MlflowException:  # refused, not down: the run was deleted; the output is reused as any other
+        return False
+    missed = {name: value for name, value in manifest.metrics.items() if name not in logged.data.metrics}
+    log_stage_end(run, manifest, missed)
+    run.end("FINISHED")
+    warn_in_log(
+        f"stage {manifest.stage}: its output was complete, but MLflow missed the end of its run {run.run_id}; "
+        f"logged the {len(missed)} metrics and manifest it missed and closed the run, without rebuilding"
+    )
+    return logged.data.tags.get(PARENT_TAG) == tracking.parent_run_id
 
 
 def stage_lock(workspace: Path, stage: str, key: str):

@@ -8,15 +8,18 @@ Hugging Face cache (the only stage that may touch the network, and only when ask
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 from pathlib import Path
 
+import psutil
 from prefect import get_run_logger, task
 
 from tasks.components.chat_encoding import directory_chat_template
 from tasks.contracts.child_process import run_worker
+from tasks.contracts.gguf_file import GGUFHeader, check_conversion_memory, read_gguf_header
 from tasks.contracts.packaged_models import PACKAGED, ModelSourceError, packaged_gguf
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
@@ -42,6 +45,7 @@ def source_fingerprint(name_or_path: str) -> dict[str, str]:
     (`local_content_digest`), so that this stays cheap for `tunefactory validate`."""
     if name_or_path in PACKAGED:
         gguf = packaged_gguf(name_or_path)
+        gguf_header(gguf)
         return {"kind": "packaged", "file": gguf.name, "size": str(gguf.stat().st_size)}
     local = Path(name_or_path).expanduser()
     if local.is_dir():
@@ -50,6 +54,7 @@ def source_fingerprint(name_or_path: str) -> dict[str, str]:
         listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local.iterdir() if p.is_file())
         return {"kind": "local", "path": str(local.resolve()), "files": ",".join(listing)}
     if local.is_file() and local.suffix == ".gguf":  # e.g. what `export.formats: [gguf]` wrote
+        gguf_header(local)
         return {"kind": "gguf", "path": str(local.resolve()), "size": str(local.stat().st_size)}
     if local.exists() or name_or_path.startswith((".", "/", "~")):
         raise ModelSourceError(f"model.name_or_path: {name_or_path} is neither a model directory nor a .gguf file")
@@ -68,11 +73,19 @@ def gguf_source(name_or_path: str) -> Path | None:
     return local if local.is_file() and local.suffix == ".gguf" else None
 
 
-def _gguf_text(gguf: Path, key: str) -> str | None:
-    from gguf import GGUFReader
+def gguf_header(gguf: Path) -> GGUFHeader:
+    """The GGUF file's header, checked (tasks/contracts/gguf_file.py); read once per file state."""
+    stat = gguf.stat()
+    return _header_of(gguf, stat.st_size, stat.st_mtime_ns)
 
-    field = GGUFReader(gguf).fields.get(key)
-    return bytes(field.parts[field.data[0]]).decode("utf-8") if field else None
+
+@functools.lru_cache(maxsize=4)
+def _header_of(gguf: Path, size: int, mtime_ns: int) -> GGUFHeader:
+    return read_gguf_header(gguf)
+
+
+def _gguf_text(gguf: Path, key: str) -> str | None:
+    return gguf_header(gguf).texts.get(key)
 
 
 def model_type_of(name_or_path: str) -> str | None:
@@ -143,6 +156,7 @@ def _build(
     logger = get_run_logger()
     if fingerprint["kind"] in ("packaged", "gguf"):
         gguf = gguf_source(name_or_path)
+        check_conversion_memory(gguf_header(gguf), gguf, psutil.virtual_memory().available)
         logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
         job = ConvertJob(gguf=str(gguf), out=str(out / "model"))
         run_worker("tasks.workers.gguf", job, out / "convert_config.json", lambda event: None, logger.info)

@@ -19,11 +19,19 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.contracts.child_process import final, run_worker
+from tasks.contracts.child_process import ProbablyOutOfMemory, WorkerError, final, run_worker
 from tasks.contracts.spec_sections import ADAPTER_METHODS, TrainSpec
 from tasks.contracts.stage_infos import ModelInfo, TokenizeInfo, TrainInfo
 from tasks.contracts.worker_configs import MERGED_START, QuantizedBase, TrainJob, Weights
-from tasks.contracts.worker_events import Resumed, StepLogged, TrainingDone, TrainingStarted, WorkerEvent
+from tasks.contracts.worker_events import (
+    MEMORY_REMEDY,
+    RanOutOfMemory,
+    Resumed,
+    StepLogged,
+    TrainingDone,
+    TrainingStarted,
+    WorkerEvent,
+)
 from tasks.dataset.jsonl import read_jsonl
 from tasks.runtime.background_logging import BackgroundLog, TrackingUnavailable
 from tasks.runtime.code_version import code_version
@@ -43,6 +51,9 @@ from tasks.stages.train_nodes import announce_training, torchrun_arguments
 
 # Settings that name or pace the run but do not change what is learned stay out of the cache key.
 BOOKKEEPING = {"checkpoint_name", "logging_steps", "save_steps", "save_total_limit", "rendezvous"}
+# So do the ways a step is fitted into memory (a split step's gradients add up to the same update;
+# checkpointing recomputes what it dropped): a run retried with other values keeps its checkpoints.
+MEMORY_SETTINGS = {"max_memory", "gradient_checkpointing"}
 
 
 OWN_LOOP_STAGES = ("pt", "sft")
@@ -84,6 +95,7 @@ class TrainingEvents:
         self.tracked = BackgroundLog(run, self.logger.warning)
         self.started: TrainingStarted | None = None
         self.resumed_from: Resumed | None = None
+        self.out_of_memory: RanOutOfMemory | None = None
 
     def __call__(self, event: WorkerEvent) -> None:
         match event:
@@ -93,6 +105,8 @@ class TrainingEvents:
                 self.start(event)
             case Resumed():
                 self.resume(event)
+            case RanOutOfMemory():
+                self.out_of_memory = event
             case _:
                 self.logger.debug("%s", event)
 
@@ -159,11 +173,60 @@ def _launch(config: TrainSpec, worker: TrainJob, out: Path, events: TrainingEven
     return final(sent, TrainingDone)
 
 
+def memory_failure(error: WorkerError, events: TrainingEvents) -> str | None:
+    """What a failed attempt says about memory, with what the plan allowed; None when it was not memory."""
+    if events.out_of_memory is not None:  # torch's OutOfMemoryError, reported by the process it hit
+        return f"train {events.out_of_memory.explain()}"
+    if not isinstance(error, ProbablyOutOfMemory):
+        return None
+    plan = events.started
+    if plan is None or plan.memory_estimate_mb is None:
+        return f"{error}; {MEMORY_REMEDY}"
+    gb = 2**20 / 1e9
+    return (
+        f"{error}; the memory plan estimated {plan.memory_estimate_mb * gb:.1f} GB for each batch in "
+        f"{plan.micro_batch_split} micro-batches, within a budget of {plan.memory_budget_mb * gb:.1f} GB; "
+        f"{MEMORY_REMEDY}"
+    )
+
+
+def _launch_fitting_memory(
+    config: TrainSpec, worker: TrainJob, out: Path, events: TrainingEvents, workspace: Path
+) -> TrainingDone:
+    """Run the worker; when it runs out of memory, once more from its newest checkpoint with each batch
+    split into twice as many micro-batches (the estimate fell short: planning again the same way would not)."""
+    try:
+        return _launch(config, worker, out, events, workspace)
+    except WorkerError as error:
+        failure = memory_failure(error, events)
+        if failure is None:
+            raise
+        split = failed_split(events, worker)
+        if 2 * split > config.batch_size or config.nnodes > 1:  # nothing left to split, or the nodes are gone
+            raise WorkerError(failure) from None
+    events.logger.warning("%s. Retrying once with each batch in %d micro-batches", failure, 2 * split)
+    events.out_of_memory = None
+    try:
+        return _launch(config, worker.model_copy(update={"least_micro_batch_split": 2 * split}), out, events, workspace)
+    except WorkerError as error:
+        failure = memory_failure(error, events)
+        if failure is None:
+            raise
+        raise WorkerError(failure) from None
+
+
+def failed_split(events: TrainingEvents, worker: TrainJob) -> int:
+    """The micro-batches per batch of the attempt that ran out of memory."""
+    if events.out_of_memory is not None:
+        return events.out_of_memory.micro_batch_split
+    return events.started.micro_batch_split if events.started else worker.least_micro_batch_split
+
+
 def _build(config: TrainSpec, worker: TrainJob, out: Path, run: StageRun, workspace: Path) -> StageResult:
     events = TrainingEvents(run)
     started = time.time()
     try:
-        done = _launch(config, worker, out, events, workspace)
+        done = _launch_fitting_memory(config, worker, out, events, workspace)
     except BaseException:
         with contextlib.suppress(TrackingUnavailable):  # the worker's own error is the one to show
             events.tracked.close(wait_s=10)
@@ -235,7 +298,7 @@ def train_model(
     if config.distributed == "deepspeed":
         libraries += ("deepspeed",)
     # what DeepSpeed's file says shapes the training as much as the spec does
-    settings = config.model_dump(mode="json", exclude=BOOKKEEPING)
+    settings = config.model_dump(mode="json", exclude=BOOKKEEPING | MEMORY_SETTINGS)
     if config.distributed == "deepspeed":
         settings["deepspeed_settings"] = config.deepspeed_settings()
     manifest = run_stage(

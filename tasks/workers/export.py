@@ -21,7 +21,7 @@ import torch
 
 from tasks.components.finetuning_methods import quantization
 from tasks.components.gguf_check import write_checked_gguf
-from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, architecture
+from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, architecture, pretokenizer_name
 from tasks.components.merge_check import LogitsGap, first_lora_delta, logits_gap, quantized_check
 from tasks.components.modeling import load_model
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
@@ -143,9 +143,10 @@ def export(job: ExportJob) -> None:
     from transformers import AutoTokenizer, GenerationConfig
 
     out = Path(job.output_dir) / "model"
-    if "gguf" in job.formats:  # a hub model's architecture is first known here: refused before the merge
+    if "gguf" in job.formats:  # a hub model's architecture and tokenizer are first known here: refused before the merge
         with gguf_refusal():
             architecture(Path(job.model_path))
+            pretokenizer_name(Path(job.model_path))
     tokenizer = AutoTokenizer.from_pretrained(job.model_path, trust_remote_code=job.trust_remote_code)
     batch = check_batch(tokenizer)
     merged = merge(job, batch)

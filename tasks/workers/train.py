@@ -37,20 +37,23 @@ from tasks.components.distributed_engines import (
     start_process_group,
 )
 from tasks.components.finetuning_methods import quantized_modules, trainable_model
-from tasks.components.memory_plan import MemoryPlan, StepShape, plan_memory, step_bytes
+from tasks.components.memory_plan import HEADROOM, MemoryPlan, StepShape, plan_memory, step_bytes
 from tasks.components.modeling import attention_implementation, causal_lm, compute_setup
 from tasks.components.packing import packed_batch, padded_batch
 from tasks.components.training_outputs import (
+    CHECKPOINT_RECORD,
     CHECKPOINTS,
     finish_training,
     newest_complete_checkpoint,
     read_checkpoint_file,
+    record_checkpoint_files,
+    verify_checkpoint_files,
 )
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.spec_sections import ADAPTER_METHODS, size_bytes
 from tasks.contracts.stage_infos import RankSummary
 from tasks.contracts.worker_configs import TrainJob
-from tasks.contracts.worker_events import Checkpointed, Note, Resumed, StepLogged, TrainingStarted
+from tasks.contracts.worker_events import Checkpointed, Note, RanOutOfMemory, Resumed, StepLogged, TrainingStarted
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -128,8 +131,8 @@ def make_scheduler(config: TrainJob, optimizer: torch.optim.Optimizer, total_ste
 
 
 def newest_checkpoint(output: Path) -> Path | None:
-    """The newest checkpoint that was written completely (its state file is written last)."""
-    return newest_complete_checkpoint(output / CHECKPOINTS, "trainer_state.pt")
+    """The newest checkpoint that was written completely (the record of its files is written last)."""
+    return newest_complete_checkpoint(output / CHECKPOINTS, CHECKPOINT_RECORD)
 
 
 def save_checkpoint(
@@ -138,8 +141,9 @@ def save_checkpoint(
     """Write checkpoint-<step> atomically (every process calls it), then drop the oldest beyond save_total_limit.
 
     The engine writes weights and optimizer state (process 0 alone, or every process its
-    part); process 0 then adds the step, schedule, loss history and random state, and the
-    directory gets its final name only when all of it is there.
+    part); process 0 then adds the step, schedule, loss history and random state, and last the
+    record of every file's sha256 that a resume checks them against; the directory gets its
+    final name only when all of it is there.
     """
     root = output / CHECKPOINTS
     final = root / f"checkpoint-{step}"
@@ -158,6 +162,7 @@ def save_checkpoint(
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
         }
         torch.save(state, partial / "trainer_state.pt")
+        record_checkpoint_files(partial)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
         complete = sorted(
@@ -175,6 +180,7 @@ def barrier(engine: Engine) -> None:
 
 
 def load_checkpoint(checkpoint: Path, engine: Engine, scheduler) -> dict:
+    verify_checkpoint_files(checkpoint)  # every process, before its engine unpickles anything
     engine.load_state(checkpoint)
     state = read_checkpoint_file(checkpoint / "trainer_state.pt")
     scheduler.load_state_dict(state["scheduler"])
@@ -202,6 +208,9 @@ class TrainingLoop:
         self.loop_tokens = 0  # every process's real tokens, padding not counted
         self.kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))  # fault injection, for tests
         self.kill_rank = int(os.environ.get("TUNEFACTORY_FAULT_KILL_RANK", "0"))
+        # a micro-batch of more than OOM_ROWS examples at step OOM_AT_STEP runs out of memory, for tests
+        self.oom_at = int(os.environ.get("TUNEFACTORY_FAULT_OOM_AT_STEP", "0"))
+        self.oom_rows = int(os.environ.get("TUNEFACTORY_FAULT_OOM_ROWS", "0"))
 
     def _load_data(self) -> None:
         from datasets import load_from_disk
@@ -255,13 +264,14 @@ class TrainingLoop:
             supervised=supervised, device=setup.device.type, attention_probs=setup.device.type == "cpu",
         )  # fmt: skip
         budget = size_bytes(config.max_memory) if config.max_memory else device_free_bytes(setup.device)
-        plan = plan_memory(shape, budget, config.gradient_checkpointing)
+        plan = plan_memory(shape, budget, config.gradient_checkpointing, config.least_micro_batch_split)
         if plan is None:
             least = step_bytes(shape, rows, True)
             raise WorkerError(
                 f"train: one step needs about {least / 1e9:.1f} GB even with one example per micro-batch and "
                 f"gradient checkpointing, and {budget / 1e9:.1f} GB is available"
-                f"{' (train.max_memory)' if config.max_memory else ''}: lower tokenize.cutoff_len (the longest "
+                f"{' (train.max_memory)' if config.max_memory else ''}, {1 - HEADROOM:.0%} of it planned for: "
+                f"lower tokenize.cutoff_len (the longest "
                 f"example has {max(self.lengths, default=0)} tokens), use lora or qlora, or a larger machine"
             )
         emit(Note(message=plan.describe()))
@@ -361,6 +371,8 @@ class TrainingLoop:
         weight = 1.0 if mine else 0.0
         mine = mine or batch[:1]
         self.examples_here += len(mine) if weight else 0
+        if self.step + 1 == self.oom_at and len(mine) > self.oom_rows:
+            raise torch.OutOfMemoryError(f"fault injection: {len(mine)} examples at step {self.oom_at}")
         seqs, labs = [self.sequences[i] for i in mine], [self.labels[i] for i in mine]
         if self.packing:
             ids, positions, target = packed_batch(seqs, labs, self.config.cutoff_len, self.config.pad_token_id,
@@ -401,6 +413,22 @@ class TrainingLoop:
         self._open_window()
         return loss
 
+    def out_of_memory(self, error: torch.OutOfMemoryError) -> WorkerError:
+        """Tell the task that a step did not fit, with what the plan had allowed it (from any process)."""
+        detail = str(error).strip().splitlines()
+        event = RanOutOfMemory(
+            step=self.step + 1,
+            device=str(self.setup.device),
+            detail=detail[0] if detail else type(error).__name__,
+            micro_batch_split=self.split,
+            rows=-(-self.config.batch_size // self.split),
+            memory_estimate_mb=round(self.memory.estimate_bytes / 2**20),
+            memory_budget_mb=round(self.memory.budget_bytes / 2**20),
+            max_memory=self.config.max_memory,
+        )
+        emit(event, every_rank=True)
+        return WorkerError(f"train {event.explain()}")
+
     def checkpoint(self) -> None:
         save_checkpoint(self.output, self.step, self.engine, self.scheduler, self.history, self.config, self.rank)
         emit(Checkpointed(step=self.step))
@@ -435,10 +463,13 @@ class TrainingLoop:
 
 def train(config: TrainJob) -> None:
     loop = TrainingLoop(config)
-    loop.resume()
-    loop.announce()
-    loop.run()
-    loop.finish()
+    try:
+        loop.resume()
+        loop.announce()
+        loop.run()
+        loop.finish()
+    except torch.OutOfMemoryError as error:  # named, with the plan's figures, for the task to retry
+        raise loop.out_of_memory(error) from None
 
 
 if __name__ == "__main__":
