@@ -59,10 +59,13 @@ def is_outage(exc: Exception) -> bool:
 
     MLflow answers what it refuses (a changed param, a run that does not exist) with a 4xx code;
     a failing store or server is a 5xx (a locked SQLite database: 503), a busy one 429, and a
-    server that is not there no MLflow code at all (the connection itself)."""
+    server that is not there an OSError from the connection itself (requests' errors are OSErrors).
+    Anything else (a bug, a value MLflow cannot take) is raised at once, not waited on."""
     from mlflow.exceptions import MlflowException
 
-    return not isinstance(exc, MlflowException) or exc.get_http_status_code() in (429, *range(500, 600))
+    if isinstance(exc, MlflowException):
+        return exc.get_http_status_code() in (429, *range(500, 600))
+    return isinstance(exc, OSError)
 
 
 def warn_in_log(message: str) -> None:
