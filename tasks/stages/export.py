@@ -24,7 +24,7 @@ from tasks.runtime.mlflow_model import write_mlmodel
 from tasks.runtime.model_registry import GATE_MARGIN_TAG, GATE_METRICS_TAG, register_model
 from tasks.runtime.prefect_artifacts import publish_export_summary
 from tasks.runtime.stage_output import Manifest, StageContext, StageResult, point_link, run_stage
-from tasks.runtime.tracking import StageRun
+from tasks.runtime.tracking import StageRun, patiently
 from tasks.stages.materialize_model import base_model_path
 
 EXPORT_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "mlflow")
@@ -146,7 +146,12 @@ def merge_and_export(
         GATE_MARGIN_TAG: f"{config.promotion_margin:g}",
     }
     tracking = ctx.tracking
-    version = register_model(tracking.client(), manifest.mlflow_run_id, registered, config.alias, model_dir, tags)
+    # register_model is idempotent (a version per export run), so it is sent again whole while MLflow is away
+    version = patiently(
+        tracking.uri,
+        f"registering {registered} @{config.alias}",
+        lambda: register_model(tracking.client(), manifest.mlflow_run_id, registered, config.alias, model_dir, tags),
+    )
     get_run_logger().info("registered %s version %s as @%s", registered, version, config.alias)
     publish_export_summary(
         model_dir, registered, version, config.alias, tracking.uri, tracking.experiment_id, manifest.mlflow_run_id
