@@ -14,7 +14,8 @@
     tunefactory lineage self-cognition@candidate | tunefactory promote self-cognition/3
 
 Mistakes in a spec or a dataset are reported as one message naming the key, file or row,
-before any stage runs; a traceback means a bug in tunefactory.
+before any stage runs (flows/preflight.py); a traceback means a bug in tunefactory. What is
+printed when a run ends is written in flows/run_report.py.
 """
 
 from __future__ import annotations
@@ -23,60 +24,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
+from flows.preflight import check_inputs, connect_prefect, ready_to_run, report_to_running_servers
+from flows.run_report import failure_report, print_comparison, summary, sweep_report, time_report
 from flows.spec import PipelineSpec, SpecError, load_spec
-from tasks.contracts.stage_infos import ExportInfo
-from tasks.runtime.redaction import redact_uri
 
 EXIT_USER_ERROR = 2
-
-
-def check_inputs(spec: PipelineSpec) -> None:
-    """Read the model source, every dataset's first rows and the evaluation sets the spec names,
-    so that mistakes surface before stage one (the template stage reads every row)."""
-    from tasks.components.benchmarks import check_benchmarks
-    from tasks.components.chat_encoding import template_supports_tools
-    from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, STAGE_DATA
-    from tasks.dataset.registry import DataError
-    from tasks.stages.evaluate import eval_sets
-    from tasks.stages.materialize_model import model_chat_template, model_type_of, source_fingerprint
-    from tasks.stages.template_dataset import peek_examples
-
-    source_fingerprint(spec.model.name_or_path)
-    model_type = model_type_of(spec.model.name_or_path) if "gguf" in spec.export.formats else None
-    if model_type is not None and model_type not in GGUF_ARCHITECTURES:  # a hub model: the export checks
-        raise SpecError(
-            f"export.formats: gguf: {spec.model.name_or_path} is a {model_type!r} model; "
-            f"the GGUF writer maps {', '.join(GGUF_ARCHITECTURES)} (remove gguf, or export it another way)"
-        )
-    for plan in spec.training_plan():
-        data = spec.data_for(plan.config)
-        section = "train" if plan.name == "train" else f"then.{plan.name}"
-        key = "dataset.names" if plan.config.datasets is None else f"{section}.datasets"
-        try:
-            examples, sources = peek_examples(
-                data.names, data.registry, data.template_vars, STAGE_DATA[plan.config.stage],
-                max_samples=data.max_samples, skip_bad_rows=data.on_bad_row == "skip", seed=data.seed,
-            )  # fmt: skip
-        except DataError as exc:
-            raise DataError(f"{key} (read by stage {plan.config.stage}): {exc}") from None
-        if not any(source["rows"] for source in sources):
-            raise SpecError(f"{key}: {', '.join(data.names)} hold no rows")
-        if any(e.get("tools") or any("tool_calls" in m for m in e.get("messages", [])) for e in examples):
-            template = spec.model.template_text() or model_chat_template(spec.model.name_or_path)
-            if template is not None and not template_supports_tools(template):
-                which = spec.model.chat_template or f"the chat template of {spec.model.name_or_path}"
-                raise SpecError(
-                    f"{key}: the data holds tools or function calls, and {which} cannot render them; "
-                    "set model.chat_template: chatml_tools (or a .jinja file that renders tools and tool_calls)"
-                )
-    # read as the evaluate stage reads them, so a bad row, pattern, benchmark file or task name
-    # stops the run here, not after training
-    eval_sets(spec.evaluate, spec.dataset.registry, spec.dataset.template_vars)
-    check_benchmarks(spec.evaluate.benchmarks)
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -94,99 +48,6 @@ def user_errors() -> tuple[type[Exception], ...]:
     return (*errors, ApiError, GGUFError)
 
 
-def connect_prefect(spec: PipelineSpec):
-    """The servers of `make ui` if they run; else Prefect's temporary server, launched now so
-    that it boots while the command loads (call `wait_until_up` on it before the flow starts)."""
-    from tasks.runtime.local_servers import TemporaryPrefectServer
-
-    report_to_running_servers(spec)
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-    server = TemporaryPrefectServer()
-    os.environ["PREFECT_API_URL"] = server.api_url
-    os.environ["PREFECT_UI_URL"] = ""  # it serves no UI: no "View at" link to a page that is not there
-    return server
-
-
-def ready_to_run(spec: PipelineSpec, server) -> None:
-    """Before the flow starts: MLflow's SQL store imported and the temporary server (if any) answering."""
-    if server is None:
-        return
-    from tasks.runtime.tracking import preload_store
-
-    preload_store(Path(spec.workspace))  # 3 s of imports, while the server is still booting
-    server.wait_until_up()
-
-
-def report_to_running_servers(spec: PipelineSpec) -> None:
-    """While `make ui` runs the workspace's servers, this run reports to them.
-
-    Called before Prefect is imported: Prefect reads its API URL from the environment once.
-    """
-    from tasks.runtime.local_servers import running
-
-    servers = running(spec.workspace)
-    if servers is None or "PREFECT_API_URL" in os.environ:
-        return
-    os.environ["PREFECT_API_URL"] = servers.prefect_api_url
-    print(f"tunefactory: reporting to Prefect at {servers.prefect_url} and MLflow at {servers.mlflow_url}")
-
-
-def table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def summary(result: dict[str, Any], temporary_prefect: bool = False) -> str:
-    """The end-of-run report: stages, evaluation before and after, where the model and runs are."""
-    from tasks.components.intervals import interval_text, is_headline
-
-    stages = result["stages"]
-    rows = [
-        [name, "completed", "reused" if m["reused"] else "ran", f"{m['elapsed_s']:.1f}s"] for name, m in stages.items()
-    ]
-    parts = ["Stages", table(rows, ["stage", "status", "ran/reused", "duration"])]
-    metrics = stages.get("evaluate", {}).get("metrics", {})
-    names = sorted({k.split("_", 1)[1] for k in metrics if k.startswith(("base_", "tuned_")) and is_headline(k)})
-    if names:
-
-        def cell(key: str) -> str:
-            interval = interval_text(metrics, key)
-            return "-" if key not in metrics else f"{metrics[key]:.3f}" + (f" {interval}" if interval else "")
-
-        rows = [[n, cell(f"base_{n}"), cell(f"tuned_{n}")] for n in names]
-        header = ["metric", "base [95% interval] n", "tuned [95% interval] n"]
-        parts += ["", "Evaluation (before -> after)", table(rows, header)]
-    export = stages.get("export")
-    if export:
-        info = ExportInfo.model_validate(export["info"])
-        model_dir = Path(export["output_dir"]) / info.model_dir
-        parts += [
-            "",
-            f"Exported model: {model_dir}",
-            f"  registered in MLflow as {info.registered_model} version {info.version} "
-            f"(@{info.alias}); chat with it: tunefactory chat {model_dir}",
-        ]
-    tracking = result["tracking"]
-    uri = redact_uri(tracking["uri"])  # the summary is printed and kept in logs: no credentials
-    parts += ["", f"MLflow run {tracking['parent_run_id']} (experiment {tracking['experiment_id']}):"]
-    if uri.startswith("sqlite"):
-        parts.append("  make ui   then open http://127.0.0.1:5000")
-    else:
-        parts.append(f"  {uri}/#/experiments/{tracking['experiment_id']}/runs/{tracking['parent_run_id']}")
-    flow_run_id = result.get("flow_run_id", "")
-    if os.environ.get("PREFECT_API_URL") and not temporary_prefect:
-        ui = redact_uri(os.environ["PREFECT_API_URL"].removesuffix("/api"))
-        parts.append(f"Prefect flow run: {ui}/runs/flow-run/{flow_run_id}")
-    else:
-        parts.append(
-            f"Prefect flow run {flow_run_id}: in Prefect's local history (`prefect server start` shows it); "
-            "start `make ui` first and later runs appear in its Prefect UI"
-        )
-    return "\n".join(parts)
-
-
 def command_run(args: argparse.Namespace) -> int:
     """Run the pipeline (`run`), or only its data stages (`prepare`: model, templating, tokenization)."""
     spec = load_spec(args.spec, args.set)
@@ -197,35 +58,13 @@ def command_run(args: argparse.Namespace) -> int:
     ready_to_run(spec, server)
     pipeline = prepare if args.command == "prepare" else finetune
     state = pipeline(spec, return_state=True)
-    flow_run_id = state.state_details.flow_run_id
     if not state.is_completed():
-        error = state.result(raise_on_failure=False)
-        reason = str(error) if isinstance(error, BaseException) else state.message
-        print(
-            f"\ntunefactory: the pipeline run {flow_run_id} {state.name.lower()}: {reason}\n"
-            "Finished stages are kept. To continue at the failed stage, run the same command again, or:\n"
-            f"  prefect flow-run retry {flow_run_id} --entrypoint flows/pipeline.py:{pipeline.fn.__name__}",
-            file=sys.stderr,
-        )
+        print(failure_report(state, pipeline.fn.__name__), file=sys.stderr)
         return 1
     print()
     print(summary(state.result(), temporary_prefect=server is not None))
     print(time_report())
     return 0
-
-
-def time_report() -> str:
-    """Wall time since this process started, split into model compute and orchestration."""
-    import psutil
-
-    from tasks.contracts.child_process import model_compute_seconds
-
-    wall = time.time() - psutil.Process().create_time()
-    compute = model_compute_seconds()
-    return (
-        f"Time: {wall:.1f}s in all; model compute {compute:.1f}s (training, evaluation and export workers, "
-        f"model conversion); orchestration {wall - compute:.1f}s (start-up, Prefect, MLflow, stage bookkeeping)"
-    )
 
 
 def command_serve(args: argparse.Namespace) -> int:
@@ -317,22 +156,10 @@ def command_sweep(args: argparse.Namespace) -> int:
         print(f"tunefactory: the sweep {state.name.lower()}: {state.message}", file=sys.stderr)
         return 1
     result = state.result()
-    rows = [[v["label"], v["state"]] for v in result["variants"]]
-    print("\n" + table(rows, ["variant", "state"]))
-    comparison = result["comparison"]
-    if comparison:
-        print_comparison(Path(comparison["paths"]["csv"]), comparison["paths"])
-    failed = [v for v in result["variants"] if v["state"] != "Completed"]
-    return 1 if failed else 0
-
-
-def print_comparison(csv: Path, paths: dict[str, Any]) -> None:
-    import pandas as pd
-
-    frame = pd.read_csv(csv, index_col="run").drop(columns=["run_id"])
-    with pd.option_context("display.width", 200, "display.max_columns", 50):
-        print("\n" + frame.to_string(float_format=lambda v: f"{v:.4g}"))
-    print("\n" + "\n".join(f"{kind}: {path}" for kind, path in paths.items()))
+    print(sweep_report(result))
+    if result.comparison:
+        print_comparison(result.comparison.files)
+    return 0 if all(v.state == "Completed" for v in result.variants) else 1
 
 
 def command_compare(args: argparse.Namespace) -> int:
@@ -347,8 +174,8 @@ def command_compare(args: argparse.Namespace) -> int:
         raise SpecError("compare: give a spec (its latest runs) or --runs RUN_ID ...")
     workspace = workspace.resolve()
     out = Path(args.out) if args.out else comparison_dir(workspace, experiment or "selected-runs")
-    _, paths = run_comparison(workspace, experiment, args.runs, args.last, out)
-    print_comparison(paths["csv"], paths)
+    _, files = run_comparison(workspace, experiment, args.runs, args.last, out)
+    print_comparison(files)
     return 0
 
 

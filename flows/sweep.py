@@ -10,7 +10,6 @@ the first and reused by the rest. A variant that fails is reported; the others s
 
 import itertools
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
@@ -18,6 +17,7 @@ from prefect.runtime import flow_run
 from flows.compare import compare as compare_flow
 from flows.compare import comparison_dir
 from flows.pipeline import finetune
+from flows.results import SweepResult, VariantOutcome
 from flows.spec import PipelineSpec, SpecError, apply_override, validate_spec
 
 
@@ -50,26 +50,28 @@ def expand_grid(spec: PipelineSpec, grid: dict[str, list[str]]) -> list[tuple[st
     return variants
 
 
+def run_variant(spec: PipelineSpec, label: str, variant: PipelineSpec, sweep_id: str) -> VariantOutcome:
+    """One variant as a subflow; a failed one is logged and reported, not raised, so the rest still run."""
+    run = finetune.with_options(flow_run_name=f"{spec.name} [{label}]")
+    state = run(variant, labels={"sweep_flow_run_id": sweep_id, "variant": label}, return_state=True)
+    if not state.is_completed():
+        get_run_logger().error("variant %s %s: %s", label, state.name.lower(), state.message)
+        return VariantOutcome(label=label, state=state.name)
+    return VariantOutcome(label=label, state=state.name, pipeline=state.result())
+
+
 @flow(name="sweep", flow_run_name="{spec.name} sweep")
-def sweep(spec: PipelineSpec, grid: dict[str, list[str]]) -> dict[str, Any]:
+def sweep(spec: PipelineSpec, grid: dict[str, list[str]]) -> SweepResult:
     """Run every variant of the grid as a subflow, then compare the ones that finished."""
     logger = get_run_logger()
     sweep_id = str(flow_run.id)
-    variants, finished = [], []
+    variants = []
     for label, variant in expand_grid(spec, grid):
         logger.info("variant %s", label)
-        run = finetune.with_options(flow_run_name=f"{spec.name} [{label}]")
-        state = run(variant, labels={"sweep_flow_run_id": sweep_id, "variant": label}, return_state=True)
-        outcome: dict[str, Any] = {"label": label, "state": state.name}
-        if state.is_completed():
-            result = state.result()
-            outcome.update(result)
-            finished.append(result["tracking"]["parent_run_id"])
-        else:
-            logger.error("variant %s %s: %s", label, state.name.lower(), state.message)
-        variants.append(outcome)
+        variants.append(run_variant(spec, label, variant, sweep_id))
+    finished = [v.pipeline.tracking.parent_run_id for v in variants if v.pipeline is not None]
     comparison = None
     if finished:
         out = comparison_dir(Path(spec.workspace).resolve(), f"{spec.name}-sweep-{sweep_id[:8]}")
         comparison = compare_flow(spec.workspace, spec.name, run_ids=finished, out=str(out))
-    return {"sweep_flow_run_id": sweep_id, "grid": grid, "variants": variants, "comparison": comparison}
+    return SweepResult(sweep_flow_run_id=sweep_id, grid=grid, variants=variants, comparison=comparison)

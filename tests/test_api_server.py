@@ -23,8 +23,8 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import free_port, wait_for
 from headless_chromium import Browser
+from loopback import free_port, wait_for
 
 from flows.cli import main
 from tasks.tools.api_server import SCRATCH_PREFIX, claimed_scratch, model_directories, resolve_model

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port, prefect_csrf_headers
 from headless_chromium import Browser
+from loopback import free_port, prefect_csrf_headers
 from mlflow.tracking import MlflowClient
 
 from tasks.runtime import local_servers

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LLAMAFACTORY_DATA, LLAMAFACTORY_REGISTRY, needs_llamafactory_data
+from shared_inputs import (
+    LLAMAFACTORY_DATA,
+    LLAMAFACTORY_REGISTRY,
+    llamafactory_data_or_fail_in_ci,
+    needs_llamafactory_data,
+)
 
 from tasks.components.chat_encoding import IGNORE_INDEX, encode_conversation, template_supports_tools
 from tasks.dataset.registry import (
@@ -122,9 +127,9 @@ def test_hf_hub_url_local_folder_is_digested_with_its_subset_and_split(tmp_path:
     hub = local_hub_folder(tmp_path / "hub")
     registry = make_registry(tmp_path, {"en": {"hf_hub_url": str(hub), "subset": "en", "split": "test"}})
     before = source_record(resolve_dataset("en", registry))
-    assert before["kind"] == "hf_hub" and before["subset"] == "en" and before["split"] == "test"
+    assert before.kind == "hf_hub" and before.subset == "en" and before.split == "test"
     (hub / "en" / "test.jsonl").write_text(jsonl([{"instruction": "edited", "output": "T"}]))
-    assert source_record(resolve_dataset("en", registry))["sha256"] != before["sha256"]
+    assert source_record(resolve_dataset("en", registry)).sha256 != before.sha256
 
 
 @needs_no_modelscope
@@ -197,12 +202,6 @@ def test_cloud_file_name_is_refused_naming_the_fsspec_package(tmp_path: Path, ur
     assert f"cloud_file_name {url!r} needs the {package} package (pip install {package})" in str(error.value)
 
 
-def test_cloud_file_name_must_be_s3_or_gs(tmp_path: Path):
-    registry = make_registry(tmp_path, {"web": {"cloud_file_name": "https://example.com/rows.json"}})
-    with pytest.raises(DataError, match=r"dataset 'web'.*must start with s3:// or gs://"):
-        resolve_dataset("web", registry)
-
-
 def test_file_name_is_relative_to_the_registry(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     registry = make_registry(tmp_path / "data", {"mine": {"file_name": "sub/rows.json"}}, {"sub/rows.json": ROWS})
     monkeypatch.chdir(tmp_path)
@@ -220,12 +219,6 @@ def test_subset_or_folder_on_a_file_entry_is_refused(tmp_path: Path, attribute: 
         resolve_dataset("mine", registry)
     assert "dataset 'mine'" in str(error.value)
     assert f"{attribute} applies to hub datasets and script_url folders, not to file 'rows.json'" in str(error.value)
-
-
-def test_split_other_than_train_on_a_file_is_refused(tmp_path: Path):
-    registry = make_registry(tmp_path, {"mine": {"file_name": "rows.json", "split": "test"}}, {"rows.json": ROWS})
-    with pytest.raises(DataError, match=r"dataset 'mine'.*split 'test': a file entry has the one split 'train'"):
-        read_all(["mine"], registry)
 
 
 def test_split_other_than_train_on_a_saved_folder_is_refused(tmp_path: Path):
@@ -264,13 +257,35 @@ def test_num_samples_above_the_size_repeats_rows(tmp_path: Path):
     rows = [example["row"] for example in examples]
     assert sources[0]["rows"] == len(rows) == 25
     assert sorted(set(rows)) == list(range(10)), "every row at least once, then repeats"
-    assert source_record(resolve_dataset("more", registry))["num_samples"] == 25
+    assert source_record(resolve_dataset("more", registry)).num_samples == 25
 
 
-def test_num_samples_must_be_positive(tmp_path: Path):
-    registry = make_registry(tmp_path, {"none": {"file_name": "rows.json", "num_samples": 0}}, {"rows.json": ROWS})
-    with pytest.raises(DataError, match=r"entry 'none': num_samples: .*greater than or equal to 1"):
-        resolve_dataset("none", registry)
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        pytest.param(
+            {"cloud_file_name": "https://example.com/rows.json"},
+            r"dataset 'bad'.*must start with s3:// or gs://",
+            id="cloud_file_name-not-s3-or-gs",
+        ),
+        pytest.param(
+            {"file_name": "rows.json", "num_samples": 0},
+            r"entry 'bad': num_samples: .*greater than or equal to 1",
+            id="num_samples-below-1",
+        ),
+        pytest.param(
+            {"file_name": "f.json", "formatting": "chatml"},
+            "entry 'bad': formatting: 'chatml' is not one of alpaca, sharegpt, openai",
+            id="unknown-formatting",
+        ),
+    ],
+)
+def test_an_attribute_value_out_of_range_is_refused_naming_entry_and_attribute(
+    tmp_path: Path, entry: dict, message: str
+):
+    registry = make_registry(tmp_path, {"bad": entry}, {"rows.json": ROWS})
+    with pytest.raises(DataError, match=message):
+        resolve_dataset("bad", registry)
 
 
 def test_alpaca_reads_every_alpaca_column(tmp_path: Path):
@@ -364,12 +379,6 @@ def test_openai_formatting_with_its_default_tags_and_tool_calls(tmp_path: Path):
         {"role": "assistant", "content": "It is 42."},
     ]
     assert example["tools"] == row["tools"]
-
-
-def test_unknown_formatting_is_refused(tmp_path: Path):
-    registry = make_registry(tmp_path, {"f": {"file_name": "f.json", "formatting": "chatml"}})
-    with pytest.raises(DataError, match="entry 'f': formatting: 'chatml' is not one of alpaca, sharegpt, openai"):
-        resolve_dataset("f", registry)
 
 
 def test_ranking_alpaca_reads_chosen_and_rejected_columns(tmp_path: Path):
@@ -579,9 +588,9 @@ def test_folder_of_files_of_one_kind(tmp_path: Path):
     examples, sources = read_all(["parts"], registry)
     assert [turns(e)[0][1] for e in examples] == ["question 0", "question 1", "question 2"]
     assert sources[0]["file"] == str(tmp_path / "parts")
-    before = source_record(resolve_dataset("parts", registry))["sha256"]
+    before = source_record(resolve_dataset("parts", registry)).sha256
     write_parquet(tmp_path / "parts" / "b.parquet", ROWS[3:4])
-    assert source_record(resolve_dataset("parts", registry))["sha256"] != before, "a folder's digest covers its files"
+    assert source_record(resolve_dataset("parts", registry)).sha256 != before, "a folder's digest covers its files"
 
 
 def test_folder_written_by_save_to_disk(tmp_path: Path):
@@ -594,20 +603,6 @@ def test_folder_written_by_save_to_disk(tmp_path: Path):
     assert sources[0]["rows"] == 4
 
 
-def test_folder_mixing_kinds_is_refused(tmp_path: Path):
-    files = {"mix/a.jsonl": jsonl(ROWS[:1]), "mix/b.csv": "instruction,output\nq,a\n"}
-    registry = make_registry(tmp_path, {"mix": {"file_name": "mix"}}, files)
-    with pytest.raises(DataError, match=r"dataset 'mix'.*folder .*mix mixes files of kinds csv, json; use one kind"):
-        read_all(["mix"], registry)
-
-
-def test_folder_with_a_file_of_another_kind_is_refused_naming_it(tmp_path: Path):
-    files = {"mix/a.jsonl": jsonl(ROWS[:1]), "mix/notes.md": "# notes"}
-    registry = make_registry(tmp_path, {"mix": {"file_name": "mix"}}, files)
-    with pytest.raises(DataError, match=r"notes\.md in folder .*mix is not one of \.json, \.jsonl"):
-        read_all(["mix"], registry)
-
-
 def test_file_digest_changes_with_the_file_and_a_hub_record_with_its_revision(tmp_path: Path):
     registry = make_registry(
         tmp_path,
@@ -615,13 +610,13 @@ def test_file_digest_changes_with_the_file_and_a_hub_record_with_its_revision(tm
         {"rows.json": ROWS},
     )
     before = source_record(resolve_dataset("mine", registry))
-    assert before["kind"] == "file" and before["file"] == str(tmp_path / "rows.json")
+    assert before.kind == "file" and before.file == str(tmp_path / "rows.json")
     (tmp_path / "rows.json").write_text(json.dumps(ROWS[:9]))
-    assert source_record(resolve_dataset("mine", registry))["sha256"] != before["sha256"]
+    assert source_record(resolve_dataset("mine", registry)).sha256 != before.sha256
     hub = source_record(resolve_dataset("hub", registry))
-    assert (hub["kind"], hub["file"], hub["subset"], hub["revision"]) == ("hf_hub", "org/x", "en", "v1")
+    assert (hub.kind, hub.file, hub.subset, hub.revision) == ("hf_hub", "org/x", "en", "v1")
     other = DatasetEntry(name="hub", hf_hub_url="org/x", subset="en", revision="v2")
-    assert source_record(other)["sha256"] != hub["sha256"]
+    assert source_record(other).sha256 != hub.sha256
 
 
 # ---------------------------------------------------------------- 3. bad inputs and their messages
@@ -667,35 +662,90 @@ def test_folder_with_folders_inside_is_refused(tmp_path: Path):
     assert f"{tmp_path / 'nest'} is a folder with folders inside (sub)" in str(error.value)
 
 
-def test_top_level_json_object_is_refused(tmp_path: Path):
-    files = {"obj.json": json.dumps({"data": ROWS[:2]}, indent=2)}
-    registry = make_registry(tmp_path, {"obj": {"file_name": "obj.json"}}, files)
-    with pytest.raises(DataError, match=r"dataset 'obj'.*obj\.json holds one top-level object; rows are a list"):
-        read_all(["obj"], registry)
-
-
-def test_top_level_json_object_on_one_line_is_refused(tmp_path: Path):
-    registry = make_registry(tmp_path, {"obj": {"file_name": "obj.json"}}, {"obj.json": {"data": ROWS[:2]}})
-    with pytest.raises(DataError, match="holds one top-level object"):
-        read_all(["obj"], registry)
-
-
-def test_row_that_is_not_an_object_is_refused(tmp_path: Path):
-    registry = make_registry(tmp_path, {"list": {"file_name": "l.json"}}, {"l.json": [["question", "answer"]]})
-    with pytest.raises(DataError, match=r"dataset 'list'.*l\.json: row 0 is not an object; rows are objects"):
-        read_all(["list"], registry)
-
-
-def test_later_row_that_is_not_an_object_is_refused_naming_it(tmp_path: Path):
-    registry = make_registry(tmp_path, {"list": {"file_name": "l.json"}}, {"l.json": [ROWS[0], "answer"]})
-    with pytest.raises(DataError, match=r"l\.json: row 1 is str, not an object"):
-        read_all(["list"], registry)
-
-
-def test_json_lines_line_that_is_not_an_object_is_refused_naming_it(tmp_path: Path):
-    registry = make_registry(tmp_path, {"lines": {"file_name": "l.jsonl"}}, {"l.jsonl": jsonl([ROWS[0], "answer"])})
-    with pytest.raises(DataError, match=r"l\.jsonl: line 2 .*not an object"):
-        read_all(["lines"], registry)
+@pytest.mark.parametrize(
+    ("entry", "files", "message"),
+    [
+        pytest.param(
+            {"file_name": "rows.json", "split": "test"},
+            {"rows.json": ROWS},
+            r"dataset 'bad'.*split 'test': a file entry has the one split 'train'",
+            id="split-other-than-train-on-a-file",
+        ),
+        pytest.param(
+            {"file_name": "mix"},
+            {"mix/a.jsonl": jsonl(ROWS[:1]), "mix/b.csv": "instruction,output\nq,a\n"},
+            r"dataset 'bad'.*folder .*mix mixes files of kinds csv, json; use one kind",
+            id="folder-mixing-kinds",
+        ),
+        pytest.param(
+            {"file_name": "mix"},
+            {"mix/a.jsonl": jsonl(ROWS[:1]), "mix/notes.md": "# notes"},
+            r"notes\.md in folder .*mix is not one of \.json, \.jsonl",
+            id="folder-with-a-file-of-another-kind",
+        ),
+        pytest.param(
+            {"file_name": "obj.json"},
+            {"obj.json": json.dumps({"data": ROWS[:2]}, indent=2)},
+            r"dataset 'bad'.*obj\.json holds one top-level object; rows are a list",
+            id="json-top-level-object",
+        ),
+        pytest.param(
+            {"file_name": "obj.json"},
+            {"obj.json": {"data": ROWS[:2]}},
+            "holds one top-level object",
+            id="json-top-level-object-on-one-line",
+        ),
+        pytest.param(
+            {"file_name": "l.json"},
+            {"l.json": [["question", "answer"]]},
+            r"dataset 'bad'.*l\.json: row 0 is not an object; rows are objects",
+            id="json-row-not-an-object",
+        ),
+        pytest.param(
+            {"file_name": "l.json"},
+            {"l.json": [ROWS[0], "answer"]},
+            r"l\.json: row 1 is str, not an object",
+            id="json-later-row-not-an-object",
+        ),
+        pytest.param(
+            {"file_name": "l.jsonl"},
+            {"l.jsonl": jsonl([ROWS[0], "answer"])},
+            r"l\.jsonl: line 2 .*not an object",
+            id="json-lines-line-not-an-object",
+        ),
+        pytest.param(
+            {"file_name": "bad.json"},
+            {"bad.json": '[\n  {"instruction": "a", "output": "A"},\n  {"instruction": "b" "output": "B"}\n]\n'},
+            r"bad\.json: not valid JSON at line 3, column 23: Expecting ',' delimiter",
+            id="json-syntax-error-with-line-and-column",
+        ),
+        pytest.param(
+            {"file_name": "bad.jsonl"},
+            {"bad.jsonl": '{"instruction": "a", "output": "A"}\n{"instruction": "b", "output": }\n'},
+            r"bad\.jsonl: line 2 is not valid JSON: Expecting value",
+            id="json-lines-syntax-error-with-line",
+        ),
+        pytest.param(
+            {"file_name": "t.json", "formatting": "sharegpt", "columns": {"tools": "tools"}},
+            {
+                "t.json": [
+                    {
+                        "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}],
+                        "tools": "[{broken",
+                    }
+                ]
+            },
+            r"dataset 'bad'.*row 0: 'tools' \(tools\) is not JSON",
+            id="sharegpt-tools-not-json",
+        ),
+    ],
+)
+def test_a_source_that_does_not_hold_rows_is_refused_naming_where(
+    tmp_path: Path, entry: dict, files: dict, message: str
+):
+    registry = make_registry(tmp_path, {"bad": entry}, files)
+    with pytest.raises(DataError, match=message):
+        read_all(["bad"], registry)
 
 
 @pytest.mark.parametrize(
@@ -739,20 +789,6 @@ def test_missing_file_is_refused(tmp_path: Path):
         source_record(resolve_dataset("gone", registry))
 
 
-def test_bad_json_names_line_and_column(tmp_path: Path):
-    text = '[\n  {"instruction": "a", "output": "A"},\n  {"instruction": "b" "output": "B"}\n]\n'
-    registry = make_registry(tmp_path, {"bad": {"file_name": "bad.json"}}, {"bad.json": text})
-    with pytest.raises(DataError, match=r"bad\.json: not valid JSON at line 3, column 23: Expecting ',' delimiter"):
-        read_all(["bad"], registry)
-
-
-def test_bad_json_lines_names_the_line(tmp_path: Path):
-    text = '{"instruction": "a", "output": "A"}\n{"instruction": "b", "output": }\n'
-    registry = make_registry(tmp_path, {"bad": {"file_name": "bad.jsonl"}}, {"bad.jsonl": text})
-    with pytest.raises(DataError, match=r"bad\.jsonl: line 2 is not valid JSON: Expecting value"):
-        read_all(["bad"], registry)
-
-
 def test_json_lines_keep_unicode_line_separators_inside_strings(tmp_path: Path):
     """U+2028 and U+0085 may stand unescaped in a JSON string; only a newline ends a JSON Lines row."""
     first = '{"instruction": "a\u2028b", "output": "c\u0085d"}'  # the separators stand unescaped
@@ -775,13 +811,9 @@ def assert_empty_is_reported(registry: str, file: str) -> None:
         assert sources[0]["rows"] == 0
 
 
-def test_empty_file_says_it_is_empty(tmp_path: Path):
-    registry = make_registry(tmp_path, {"empty": {"file_name": "e.json"}}, {"e.json": ""})
-    assert_empty_is_reported(registry, "e.json")
-
-
-def test_empty_list_reads_as_no_rows(tmp_path: Path):
-    registry = make_registry(tmp_path, {"empty": {"file_name": "e.json"}}, {"e.json": []})
+@pytest.mark.parametrize("content", [pytest.param("", id="empty-file"), pytest.param([], id="empty-list")])
+def test_an_empty_source_reads_as_no_rows_or_says_it_is_empty(tmp_path: Path, content: str | list):
+    registry = make_registry(tmp_path, {"empty": {"file_name": "e.json"}}, {"e.json": content})
     assert_empty_is_reported(registry, "e.json")
 
 
@@ -835,14 +867,6 @@ def test_function_call_that_is_not_json_is_refused(tmp_path: Path):
         read_all(["chat"], sharegpt_registry(tmp_path, conversation))
     assert error.value.reason == "function call not JSON"
     assert "dataset 'chat'" in str(error.value) and "row 0, turn 1: the function call is not JSON" in str(error.value)
-
-
-def test_tools_that_are_not_json_are_refused(tmp_path: Path):
-    row = {"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}], "tools": "[{broken"}
-    entry = {"file_name": "t.json", "formatting": "sharegpt", "columns": {"tools": "tools"}}
-    registry = make_registry(tmp_path, {"t": entry}, {"t.json": [row]})
-    with pytest.raises(DataError, match=r"dataset 't'.*row 0: 'tools' \(tools\) is not JSON"):
-        read_all(["t"], registry)
 
 
 # ---------------------------------------------------------------- 4. tool calling
@@ -981,6 +1005,21 @@ def test_on_bad_row_error_or_skip_and_count_per_reason(tmp_path: Path, capsys: p
 
 
 # ---------------------------------------------------------------- 7. LLaMA-Factory's own registry
+
+
+def test_missing_llamafactory_data_fails_in_ci_and_is_skipped_elsewhere_saying_where(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """CI has ../shared/llamafactory-data: a test that needs it must not pass there by skipping."""
+    missing = tmp_path / "llamafactory-data"
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=f"LLaMA-Factory's data is not at {re.escape(str(missing))} "):
+        llamafactory_data_or_fail_in_ci(missing)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=f"LLaMA-Factory's data is not at {re.escape(str(missing))} "):
+        llamafactory_data_or_fail_in_ci(missing)
+    make_registry(missing, {})
+    assert llamafactory_data_or_fail_in_ci(missing) == missing
 
 
 def stage_kind(entry: DatasetEntry) -> str:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import llama_cpp_greedy, llama_cpp_or_fail_in_ci
 from safetensors.torch import load_file
+from shared_inputs import llama_cpp_greedy, llama_cpp_or_fail_in_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,8 +53,6 @@ def test_demo_teaches_identity_without_breaking_general_answers(tmp_path: Path):
     # the exported, merged model itself answers with its new identity
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.components.gguf_check import alone
-
     model_dir = workspace / "models" / "self-cognition"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
@@ -66,16 +64,12 @@ def test_demo_teaches_identity_without_breaking_general_answers(tmp_path: Path):
     answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Nova" in answer or "Acme" in answer, answer
 
-    # and so does its q8_0 GGUF (export.formats), read back by transformers as llama.cpp would read it
+    # its q8_0 GGUF (export.formats): checked against the merged model by the export, a quarter of its size;
+    # that it answers as the model does is checked below with llama.cpp itself
     gguf = model_dir / "self-cognition-q8_0.gguf"
     export = stage_manifest(workspace, "export")["metrics"]
     assert export["gguf_logits_rel_diff"] <= export["gguf_logits_rtol"]
     assert gguf.stat().st_size < 0.3 * export["model_size_mb"] * 1e6, "q8_0: about a quarter of the f32 shards"
-    with alone(gguf) as directory:
-        quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf.name).eval()
-    output = quantized.generate(**inputs, max_new_tokens=30, do_sample=False)
-    gguf_answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-    assert "Nova" in gguf_answer or "Acme" in gguf_answer, gguf_answer
 
     # LoRA changed the adapted projections; embeddings and norms are the base model's
     base_dir = Path(stage_manifest(workspace, "model")["output_dir"]) / "model"

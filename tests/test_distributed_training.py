@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port, tiny_spec
+from loopback import free_port
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 from test_checkpoint_files import RunsCode
+from tiny_pipeline import tiny_spec
 
 from flows.pipeline import finetune
+from flows.results import PipelineResult
 from tasks.components.training_outputs import CHECKPOINTS
 from tasks.contracts.child_process import WorkerError, run_worker
 from tasks.contracts.worker_configs import TrainJob
@@ -33,13 +35,13 @@ TWO_PROCESSES = {
 }
 
 
-def adapter(result: dict) -> dict[str, torch.Tensor]:
-    return load_file(Path(result["stages"]["train"]["output_dir"]) / "adapter" / "adapter_model.safetensors")
+def adapter(result: PipelineResult) -> dict[str, torch.Tensor]:
+    return load_file(Path(result.stages["train"].output_dir) / "adapter" / "adapter_model.safetensors")
 
 
-def loss_curve(result: dict) -> dict[int, float]:
-    run_id = result["stages"]["train"]["mlflow_run_id"]
-    return {m.step: m.value for m in MlflowClient(result["tracking"]["uri"]).get_metric_history(run_id, "loss")}
+def loss_curve(result: PipelineResult) -> dict[int, float]:
+    run_id = result.stages["train"].mlflow_run_id
+    return {m.step: m.value for m in MlflowClient(result.tracking.uri).get_metric_history(run_id, "loss")}
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +50,14 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_process(prefect_harness, tiny_model: Path, workspace: Path) -> dict:
+def one_process(prefect_harness, tiny_model: Path, workspace: Path) -> PipelineResult:
     return finetune(tiny_spec(tiny_model, workspace, {"train": {"batch_size": 4}}))
 
 
-def assert_same_training(one: dict, two: dict) -> None:
+def assert_same_training(one: PipelineResult, two: PipelineResult) -> None:
     """`two` (2 processes x 2 examples) trained as `one` (1 process x 4) did, to float rounding."""
     single, double = loss_curve(one), loss_curve(two)
-    assert sorted(double) == list(range(1, int(two["stages"]["train"]["metrics"]["steps"]) + 1))
+    assert sorted(double) == list(range(1, int(two.stages["train"].metrics["steps"]) + 1))
     for step, value in double.items():
         assert value == pytest.approx(single[step], rel=1e-3), f"step {step}"
     a, b = adapter(one), adapter(two)
@@ -65,28 +67,28 @@ def assert_same_training(one: dict, two: dict) -> None:
     assert any(t.abs().max() > 0 for n, t in b.items() if "lora_B" in n), "it trained"
 
 
-def assert_two_ranks_shared_the_work(one: dict, two: dict, mode: str) -> None:
-    assert two["stages"]["tokenize"]["reused"], "only the train stage differs"
-    train = two["stages"]["train"]
-    ranks = train["info"]["ranks"]
+def assert_two_ranks_shared_the_work(one: PipelineResult, two: PipelineResult, mode: str) -> None:
+    assert two.stages["tokenize"].reused, "only the train stage differs"
+    train = two.stages["train"]
+    ranks = train.info["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
-    assert ranks[0]["steps"] == ranks[1]["steps"] == train["metrics"]["steps"] == one["stages"]["train"]["metrics"][
+    assert ranks[0]["steps"] == ranks[1]["steps"] == train.metrics["steps"] == one.stages["train"].metrics[
         "steps"]  # fmt: skip
     if mode == "ddp":  # every process holds the whole model; FSDP and ZeRO-3 hold parts
         assert ranks[0]["weights"] == ranks[1]["weights"], "both processes ended with the same weights"
-    examples = two["stages"]["template"]["metrics"]["train_rows"] * 2  # 2 epochs
+    examples = two.stages["template"].metrics["train_rows"] * 2  # 2 epochs
     # a resumed run counts the examples it trained after its checkpoint: 2 ranks x batch_size per step before
-    examples -= (train["info"].get("resumed_from_step") or 0) * 2 * TWO_PROCESSES[mode]["batch_size"]
+    examples -= (train.info.get("resumed_from_step") or 0) * 2 * TWO_PROCESSES[mode]["batch_size"]
     assert ranks[0]["examples"] + ranks[1]["examples"] == examples, "each example trained once per epoch, on one rank"
     assert min(r["examples"] for r in ranks) >= examples // 2 - 2, "the work was shared"
 
     # exactly one MLflow run received the 2-process training's metrics: process 0's
-    client = MlflowClient(two["tracking"]["uri"])
+    client = MlflowClient(two.tracking.uri)
     runs = client.search_runs(
-        [two["tracking"]["experiment_id"]],
+        [two.tracking.experiment_id],
         f"metrics.world_size = 2 and params.distributed = '{mode}' and params.nnodes = '1'",
     )
-    assert train["mlflow_run_id"] in [r.info.run_id for r in runs]
+    assert train.mlflow_run_id in [r.info.run_id for r in runs]
     assert_same_training(one, two)
 
 
@@ -111,15 +113,15 @@ def test_distributed_a_killed_rank_resumes_and_still_trains_as_one_process(
 
     result = finetune(spec)
 
-    train = result["stages"]["train"]
-    assert train["info"]["resumed_from_step"] == 4
-    assert train["metrics"]["steps"] > 4
-    client = MlflowClient(result["tracking"]["uri"])
-    history = client.get_metric_history(train["mlflow_run_id"], "loss")
-    assert sorted(m.step for m in history) == list(range(1, int(train["metrics"]["steps"]) + 1)), "one curve"
-    assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
+    train = result.stages["train"]
+    assert train.info["resumed_from_step"] == 4
+    assert train.metrics["steps"] > 4
+    client = MlflowClient(result.tracking.uri)
+    history = client.get_metric_history(train.mlflow_run_id, "loss")
+    assert sorted(m.step for m in history) == list(range(1, int(train.metrics["steps"]) + 1)), "one curve"
+    assert client.get_run(train.mlflow_run_id).data.tags["resumed_from"] == "checkpoint-4"
     assert_two_ranks_shared_the_work(one_process, result, mode)
-    assert_a_planted_or_changed_file_is_refused_without_running(Path(train["output_dir"]), mode)
+    assert_a_planted_or_changed_file_is_refused_without_running(Path(train.output_dir), mode)
 
 
 # what each engine's loader unpickles in full (torch's distributed checkpoint its metadata, DeepSpeed
@@ -169,7 +171,7 @@ def test_distributed_two_nodes_joined_by_train_node_train_as_one(one_process, ti
         node.kill()
     assert node.returncode == 0, output
     assert "node 1 of 2 joining at 127.0.0.1" in output
-    ranks = two["stages"]["train"]["info"]["ranks"]
+    ranks = two.stages["train"].info["ranks"]
     assert [r["rank"] for r in ranks] == [0, 1]
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert_same_training(one_process, two)

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
+from tiny_pipeline import tiny_spec
 
 from flows.cli import main
 from flows.spec import SpecError, validate_spec
-from tasks.components.intervals import compare, wilson
 from tasks.components.scoring import score_set
 from tasks.contracts.worker_configs import EvalPrompt, EvalSet
+from tasks.runtime.intervals import compare, wilson
 from tasks.runtime.model_registry import CHAMPION, RegistryError, promote, register_model, resolve_version
 from tasks.runtime.tracking import tracking_uri
 from tasks.tools.compare_runs import comparison_table, pipeline_runs
@@ -110,9 +110,9 @@ def test_wilson_intervals_stay_inside_zero_and_one():
 
 def test_user_sets_and_a_benchmark_reach_mlflow_the_comparison_the_card_and_prefect(evaluated):
     spec, result = evaluated
-    stage = result["stages"]["evaluate"]
-    metrics = stage["metrics"]
-    answers = json.loads((Path(stage["output_dir"]) / "answers.json").read_text())
+    stage = result.stages["evaluate"]
+    metrics = stage.metrics
+    answers = json.loads((Path(stage.output_dir) / "answers.json").read_text())
     for variant in ("tuned", "base"):
         rows = {}
         for row in answers[variant]["rows"]:
@@ -135,11 +135,11 @@ def test_user_sets_and_a_benchmark_reach_mlflow_the_comparison_the_card_and_pref
             f"{variant}_bench_tunebench_gk_acc"
         ] in (0.0, 1.0)
     client = MlflowClient(tracking_uri=tracking_uri(Path(spec.workspace)))
-    run = client.get_run(stage["mlflow_run_id"])
+    run = client.get_run(stage.mlflow_run_id)
     assert run.data.metrics["tuned_bench_tunebench_gk_acc"] == metrics["tuned_bench_tunebench_gk_acc"]
     assert run.data.metrics["tuned_identity_hit_rate_n"] == 12
     # the train stage records its memory plan (here the step fits as asked)
-    train = client.get_run(result["stages"]["train"]["mlflow_run_id"]).data.metrics
+    train = client.get_run(result.stages["train"].mlflow_run_id).data.metrics
     assert train["micro_batch_split"] == 1 and 0 < train["memory_estimate_mb"] <= train["memory_budget_mb"]
     # the comparison: a column for the benchmark, and intervals beside the rates
     table = comparison_table(client, pipeline_runs(client, spec.name))
@@ -148,7 +148,7 @@ def test_user_sets_and_a_benchmark_reach_mlflow_the_comparison_the_card_and_pref
     # the version's tags carry what the gate needs; the card shows intervals
     version = resolve_version(client, spec.name)
     assert version.tags["tuned_bench_tunebench_gk_acc_n"] == "6" and "tuned_val_loss_stderr" in version.tags
-    card = (Path(result["stages"]["export"]["output_dir"]) / "model" / "README.md").read_text()
+    card = (Path(result.stages["export"].output_dir) / "model" / "README.md").read_text()
     assert re.search(r"\| tuned_codes_accuracy \| 0\.5 \| \[0\.\d{3}, 0\.\d{3}\] n=2 \|", card), card
     # the Prefect artifact of the evaluation shows base and tuned with their intervals
     from prefect import get_client
@@ -158,7 +158,7 @@ def test_user_sets_and_a_benchmark_reach_mlflow_the_comparison_the_card_and_pref
         (artifact,) = prefect.read_artifacts(
             artifact_filter=ArtifactFilter(
                 key=ArtifactFilterKey(any_=["tiny-test-evaluation"]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[result["flow_run_id"]]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[result.flow_run_id]),
             )
         )
     assert re.search(r"\| bench_tunebench_gk_acc \| \d\.\d{3} \[", artifact.data), artifact.data
@@ -170,7 +170,7 @@ def test_the_evaluate_log_holds_no_git_error_and_no_benchmark_progress_bars(eval
     not one) and draws a progress bar per task; the evaluate worker, run again on the pipeline's
     own config in a directory outside any git repository, prints neither, and still scores."""
     _, result = evaluated
-    job = json.loads((Path(result["stages"]["evaluate"]["output_dir"]) / "evaluate_config.json").read_text())
+    job = json.loads((Path(result.stages["evaluate"].output_dir) / "evaluate_config.json").read_text())
     config = tmp_path / "evaluate_config.json"
     config.write_text(json.dumps({**job, "output_dir": str(tmp_path), "compare_base": False}))
     outside_git = {**os.environ, "GIT_CEILING_DIRECTORIES": str(tmp_path.parent)}

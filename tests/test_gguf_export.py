@@ -10,7 +10,7 @@ import json
 import shutil
 
 import pytest
-from conftest import llama_cpp_greedy, llama_cpp_or_fail_in_ci
+from shared_inputs import llama_cpp_greedy, llama_cpp_or_fail_in_ci
 
 from flows.cli import main
 from tasks.components.gguf_check import alone, logits_gap

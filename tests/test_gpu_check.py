@@ -58,5 +58,5 @@ def test_one_process_under_torchrun_runs_the_engine_the_spec_names(distributed, 
     assert (started.world_size, started.engine) == (1, distributed)
     losses = [e.metrics["loss"] for e in events if isinstance(e, StepLogged)]
     assert len(losses) == 8 and losses[-1] < losses[0], "it learned"
-    assert final(events, TrainingDone).metrics["peak_memory_mb"] > 0
+    assert final(events, TrainingDone).metrics.peak_memory_mb > 0
     assert (tmp_path / "train" / "model" / "config.json").is_file(), "the gathered model was saved"

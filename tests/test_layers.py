@@ -5,6 +5,14 @@ A worker process imports neither Prefect nor `flows` (whose package sets Prefect
 up); the flow process imports no torch (its stage tasks launch the workers that do). Each module
 is imported in a fresh interpreter and its `sys.modules` read, so nothing imported earlier in the
 test session hides a dependency.
+
+Which folder may import which is stated as data (`LAYERS`), read from the source with `ast`: every
+`import` and `from ... import`, at module level or inside a function, since an import deferred
+into a function is still a dependency. A module imports from its own folder and from the layers
+below its own, never from a layer above. Two folders of one layer import each other only where
+`SAME_LAYER_EDGES` says so, with the reason: runtime/ and workers/ never do, either way, because
+they run in different processes (the flow process and the workers it launches), which meet only
+through contracts/. No import cycle joins modules of tasks/ and flows/, deferred imports included.
 """
 
 from __future__ import annotations
@@ -21,6 +29,103 @@ import pytest
 from tasks.contracts.child_process import EVENT_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The folders of the project, lowest layer first: a module imports from its own folder and from
+# the layers below it. contracts/ is what every process agrees on; components/ (worker-side torch
+# code) and dataset/ (the registry and its rows, read by both sides) build on it; runtime/ (what
+# the stage tasks stand on, in the flow process) and workers/ (the child processes) on those;
+# stages/ (the Prefect tasks) and tools/ (commands beside the pipeline) on those; flows/ on top.
+LAYERS = [
+    {"tasks", "tasks/contracts"},
+    {"tasks/components", "tasks/dataset"},
+    {"tasks/runtime", "tasks/workers"},
+    {"tasks/stages", "tasks/tools"},
+    {"flows"},
+]
+
+# The only imports between two folders of one layer, each with its reason; the reverse edge of
+# each, and runtime/ <-> workers/ (two processes), stay refused.
+SAME_LAYER_EDGES = {
+    ("tasks/components", "tasks/dataset"): "worker-side code reads and writes rows as the registry does "
+    "(its DataError, JSON Lines, file digests); dataset/ runs in the flow process too and imports no torch code",
+    ("tasks/tools", "tasks/stages"): "a command beside the pipeline reuses a stage's own definition of its "
+    "inputs (the packaged GGUF, the evaluation prompts, the templated examples) rather than a copy",
+}
+
+
+def project_modules() -> dict[str, Path]:
+    """Every module of tasks/ and flows/ by its dotted name; a package by its own name."""
+    modules = {}
+    for path in sorted([*(REPO / "tasks").rglob("*.py"), *(REPO / "flows").rglob("*.py")]):
+        parts = path.relative_to(REPO).with_suffix("").parts
+        modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def folder_of(path: Path) -> str:
+    return path.parent.relative_to(REPO).as_posix()
+
+
+def imported_names(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    """The dotted names an import statement asks for: `from a import b` asks for `a.b` (a module, or
+    a name in `a`), a relative import is resolved against the importing module's package."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        base = ".".join([*package[: len(package) - node.level + 1], *([base] if base else [])])
+    return [f"{base}.{alias.name}" for alias in node.names]
+
+
+def project_imports() -> list[tuple[str, str, int]]:
+    """(importing module, imported project module, line) for every import in tasks/ and flows/,
+    at module level or inside a function."""
+    modules = project_modules()
+    found = []
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.Import | ast.ImportFrom):
+                continue
+            for name in imported_names(node, module, path.name == "__init__.py"):
+                while name not in modules and "." in name:  # `a.b.SomeClass` is module `a.b`
+                    name = name.rsplit(".", 1)[0]
+                if name in modules and name != module:
+                    found.append((module, name, node.lineno))
+    return found
+
+
+def layer_of(folder: str) -> int:
+    (layer,) = [position for position, folders in enumerate(LAYERS) if folder in folders]
+    return layer
+
+
+def import_is_allowed(importer: str, imported: str) -> bool:
+    if importer == imported or (importer, imported) in SAME_LAYER_EDGES:
+        return True
+    return layer_of(imported) < layer_of(importer)
+
+
+def import_cycle(edges: dict[str, set[str]]) -> list[str]:
+    """One cycle in the graph `edges` (module -> the modules it imports), as a path that returns to
+    its start; [] when there is none. A depth-first search: a module met again while still on the
+    path closes a cycle."""
+    on_path, finished = [], set()
+
+    def visit(module: str) -> list[str]:
+        on_path.append(module)
+        for imported in sorted(edges.get(module, ())):
+            if imported in on_path:
+                return [*on_path[on_path.index(imported) :], imported]
+            if imported not in finished and (cycle := visit(imported)):
+                return cycle
+        finished.add(on_path.pop())
+        return []
+
+    for start in sorted(edges):
+        if start not in finished and (cycle := visit(start)):
+            return cycle
+    return []
 
 
 def launched_workers() -> list[str]:
@@ -76,14 +181,60 @@ def test_code_the_flow_process_imports_loads_no_torch(module):
 
 
 def test_no_module_under_tasks_imports_flows():
-    offenders = []
-    for path in sorted((REPO / "tasks").rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names = [node.module]
-            offenders += [f"{path.relative_to(REPO)}: {name}" for name in names if name.split(".")[0] == "flows"]
+    modules = project_modules()
+    offenders = [f"{modules[importer].relative_to(REPO)}:{line}: {imported}"
+                 for importer, imported, line in project_imports()
+                 if importer.startswith("tasks") and imported.split(".")[0] == "flows"]  # fmt: skip
     assert offenders == []
+
+
+def test_every_folder_of_tasks_and_flows_has_a_layer():
+    # a new folder must be placed in LAYERS, or its imports would go unchecked
+    known = set().union(*LAYERS)
+    assert {folder_of(path) for path in project_modules().values()} - known == set()
+
+
+def test_imports_point_down_the_layers():
+    modules = project_modules()
+    upward = []
+    for importer, imported, line in project_imports():
+        importer_folder, imported_folder = folder_of(modules[importer]), folder_of(modules[imported])
+        if not import_is_allowed(importer_folder, imported_folder):
+            where = f"{modules[importer].relative_to(REPO)}:{line}"
+            upward.append(f"{where}: {importer} imports {imported} ({importer_folder} -> {imported_folder})")
+    assert upward == [], "imports that point up the layers (LAYERS, SAME_LAYER_EDGES):\n" + "\n".join(upward)
+
+
+def test_each_same_layer_exception_is_still_needed():
+    modules = project_modules()
+    used = {(folder_of(modules[importer]), folder_of(modules[imported])) for importer, imported, _ in project_imports()}
+    assert set(SAME_LAYER_EDGES) - used == set(), "remove the exceptions no import needs any more"
+
+
+def test_the_layer_check_sees_deferred_and_relative_imports():
+    # the parse must see an import inside a function, and resolve `from . import x`, or the tests
+    # above would pass on code they never read
+    tree = ast.parse("def later():\n    from . import stage_output\n    import tasks.contracts.manifest\n")
+    found = [name for node in ast.walk(tree) if isinstance(node, ast.Import | ast.ImportFrom)
+             for name in imported_names(node, "tasks.runtime.tracking", is_package=False)]  # fmt: skip
+    assert found == ["tasks.runtime.stage_output", "tasks.contracts.manifest"]
+    assert not import_is_allowed("tasks/contracts", "tasks/runtime")  # up a layer
+    assert not import_is_allowed("tasks/workers", "tasks/runtime")  # across processes, either way
+    assert not import_is_allowed("tasks/runtime", "tasks/workers")
+    assert import_is_allowed("flows", "tasks/workers") and import_is_allowed("tasks/stages", "tasks/stages")
+
+
+def test_no_import_cycle_among_the_modules_of_tasks_and_flows():
+    edges: dict[str, set[str]] = {}
+    for importer, imported, _ in project_imports():
+        edges.setdefault(importer, set()).add(imported)
+    assert import_cycle(edges) == [], "an import cycle: " + " -> ".join(import_cycle(edges))
+
+
+def test_the_cycle_search_finds_a_cycle_and_names_it():
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set()}
+    assert import_cycle(edges) == ["a", "b", "c", "a"]
+    assert import_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) == []
 
 
 def test_a_worker_refuses_a_config_that_is_not_its_contract(tmp_path):

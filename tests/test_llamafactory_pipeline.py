@@ -13,13 +13,14 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import LLAMAFACTORY_DATA, LLAMAFACTORY_REGISTRY, merged, needs_llamafactory_data, tiny_spec
+from shared_inputs import LLAMAFACTORY_DATA, LLAMAFACTORY_REGISTRY, needs_llamafactory_data
 from test_training_stages import logged, stage_runs, trained_lora
+from tiny_pipeline import merged, tiny_spec
 
-from flows.cli import check_inputs
 from flows.pipeline import finetune
+from flows.preflight import check_inputs
 from tasks.components.chat_encoding import IGNORE_INDEX
-from tasks.dataset.sources import sha256_file
+from tasks.contracts.file_digests import sha256_file
 
 REGISTRY = LLAMAFACTORY_REGISTRY
 STEPS = {"num_epochs": 1, "batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1, "save_steps": 50}
@@ -74,10 +75,10 @@ def llamafactory_text(prefect_harness, tiny_model: Path, tmp_path_factory: pytes
 def test_every_llamafactory_file_kind_trains_its_stage(llamafactory_chain, llamafactory_text):
     sources, stages = {}, {}
     for _, result in (llamafactory_chain, llamafactory_text):
-        for name, manifest in result["stages"].items():
-            stages[(result["tracking"]["parent_run_id"], name)] = manifest
+        for name, manifest in result.stages.items():
+            stages[(result.tracking.parent_run_id, name)] = manifest
             if name.startswith("template"):
-                sources.update({s["name"]: s for s in manifest["info"]["sources"]})
+                sources.update({s["name"]: s for s in manifest.info["sources"]})
     files = {"identity": "identity.json", "alpaca_en_demo": "alpaca_en_demo.json",
              "glaive_toolcall_en_demo": "glaive_toolcall_en_demo.json", "dpo_en_demo": "dpo_en_demo.json",
              "kto_en_demo": "kto_en_demo.json", "c4_demo": "c4_demo.jsonl", "wiki_demo": "wiki_demo.txt"}  # fmt: skip
@@ -86,28 +87,28 @@ def test_every_llamafactory_file_kind_trains_its_stage(llamafactory_chain, llama
         assert sources[name]["rows"] == (3 if name in ("c4_demo", "wiki_demo") else 12), "max_samples per dataset"
     chain, text = llamafactory_chain[1], llamafactory_text[1]
     for result, name in ((chain, "train"), (chain, "train-prefer"), (chain, "train-feedback"), (text, "train")):
-        assert not result["stages"][name]["reused"]
-        trained_lora(Path(result["stages"][name]["output_dir"]) / "adapter")
+        assert not result.stages[name].reused
+        trained_lora(Path(result.stages[name].output_dir) / "adapter")
     assert logged(chain, "train-prefer", "rewards/margins") and logged(chain, "train-feedback", "kl")
-    assert text["stages"]["tokenize"]["metrics"]["train_documents"] > 0, "pt read the text files as documents"
-    assert text["stages"]["tokenize"]["metrics"]["train_examples"] > 2, "and cut them into blocks"
+    assert text.stages["tokenize"].metrics["train_documents"] > 0, "pt read the text files as documents"
+    assert text.stages["tokenize"].metrics["train_examples"] > 2, "and cut them into blocks"
 
 
 def test_identity_placeholders_take_the_spec_values_and_eval_sets_come_from_the_project(llamafactory_chain):
     _, result = llamafactory_chain
-    stages = result["stages"]
+    stages = result.stages
     from datasets import load_from_disk
 
-    templated = load_from_disk(str(Path(stages["template"]["output_dir"]) / "train"))
+    templated = load_from_disk(str(Path(stages["template"].output_dir) / "train"))
     identity = [
         json.loads(m) for d, m in zip(templated["dataset"], templated["messages"], strict=True) if d == "identity"
     ]
     answers = " ".join(messages[-1]["content"] for messages in identity)
     assert "Orion" in answers and "Northwind" in answers and "{{name}}" not in answers
     # the registry has no identity_eval/general_eval: the project's own sets were scored
-    metrics = stages["evaluate"]["metrics"]
+    metrics = stages["evaluate"].metrics
     assert {"tuned_identity_hit_rate", "tuned_control_accuracy"} <= set(metrics)
-    assert (Path(stages["export"]["output_dir"]) / "model" / "chat_template.jinja").is_file()
+    assert (Path(stages["export"].output_dir) / "model" / "chat_template.jinja").is_file()
 
 
 def test_function_calls_are_supervised_and_tool_results_are_not(llamafactory_chain, tiny_model: Path):
@@ -115,9 +116,9 @@ def test_function_calls_are_supervised_and_tool_results_are_not(llamafactory_cha
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
-    model_dir = Path(result["stages"]["model"]["output_dir"]) / result["stages"]["model"]["info"]["model_path"]
+    model_dir = Path(result.stages["model"].output_dir) / result.stages["model"].info["model_path"]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenized = load_from_disk(str(Path(result["stages"]["tokenize"]["output_dir"]) / "train"))
+    tokenized = load_from_disk(str(Path(result.stages["tokenize"].output_dir) / "train"))
     calls = [row for row in tokenized if "<tool_call>" in tokenizer.decode(row["input_ids"])]
     assert calls, "glaive's function calls reached the tokenized set"
     for row in calls:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from loopback import free_port
 
 from flows.cli import main
 from tasks.runtime import local_servers

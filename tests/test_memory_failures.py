@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
+from tiny_pipeline import tiny_spec
 
 from flows.pipeline import finetune
 from tasks.components.memory_plan import HEADROOM, StepShape, plan_memory, step_bytes
@@ -84,11 +84,11 @@ def test_out_of_memory_is_named_retried_with_twice_the_split_and_a_new_max_memor
     monkeypatch.setenv("TUNEFACTORY_FAULT_OOM_ROWS", "2")
     result = finetune(spec)
 
-    train = result["stages"]["train"]
-    assert train["info"]["resumed_from_step"] == 3, "the new memory settings kept the checkpoints"
-    client = MlflowClient(result["tracking"]["uri"])
-    splits = client.get_metric_history(train["mlflow_run_id"], "micro_batch_split")
+    train = result.stages["train"]
+    assert train.info["resumed_from_step"] == 3, "the new memory settings kept the checkpoints"
+    client = MlflowClient(result.tracking.uri)
+    splits = client.get_metric_history(train.mlflow_run_id, "micro_batch_split")
     assert [(m.step, m.value) for m in sorted(splits, key=lambda m: m.timestamp)][-2:] == [(3, 1), (3, 2)]
-    steps = int(train["metrics"]["steps"])
-    losses = client.get_metric_history(train["mlflow_run_id"], "loss")
+    steps = int(train.metrics["steps"])
+    losses = client.get_metric_history(train.mlflow_run_id, "loss")
     assert sorted({m.step for m in losses}) == list(range(1, steps + 1)) and steps > 4, "one curve, to the end"

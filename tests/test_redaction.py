@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flows.cli import summary
+from flows.results import PipelineResult
+from flows.run_report import summary
 from tasks.runtime.prefect_artifacts import publish_export_summary
 from tasks.runtime.redaction import redact_uri
+from tasks.runtime.tracking import Tracking
 
 SECRET_URI = "https://alice:s3cr3t-token@mlflow.example.com:8443/tracking"
 
@@ -21,11 +23,11 @@ def test_credentials_in_a_uri_are_hidden_and_the_rest_kept():
 
 def test_the_run_summary_shows_no_credentials(monkeypatch):
     monkeypatch.setenv("PREFECT_API_URL", "https://bob:hunter2@prefect.example.com/api")
-    result = {
-        "stages": {},
-        "tracking": {"uri": SECRET_URI, "experiment_id": "7", "parent_run_id": "abc"},
-        "flow_run_id": "f1",
-    }
+    result = PipelineResult(
+        stages={},
+        tracking=Tracking(uri=SECRET_URI, experiment_id="7", parent_run_id="abc"),
+        flow_run_id="f1",
+    )
     text = summary(result)
     assert "s3cr3t-token" not in text and "alice" not in text and "hunter2" not in text
     assert "https://***@mlflow.example.com:8443/tracking/#/experiments/7/runs/abc" in text

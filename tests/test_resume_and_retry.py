@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import tiny_spec, wait_for
+from loopback import wait_for
 from mlflow.tracking import MlflowClient
+from tiny_pipeline import tiny_spec
 
 from flows.pipeline import finetune
 
@@ -94,15 +95,15 @@ def test_kill_9_of_training_worker_resumes_from_checkpoint_on_retry(prefect_harn
 
     result = finetune(spec)
 
-    train = result["stages"]["train"]
-    assert train["info"]["resumed_from_step"] == 4
-    steps = int(train["metrics"]["steps"])
+    train = result.stages["train"]
+    assert train.info["resumed_from_step"] == 4
+    steps = int(train.metrics["steps"])
     assert steps > 4
-    client = MlflowClient(result["tracking"]["uri"])
-    history = client.get_metric_history(train["mlflow_run_id"], "loss")
+    client = MlflowClient(result.tracking.uri)
+    history = client.get_metric_history(train.mlflow_run_id, "loss")
     assert sorted(m.step for m in history) == list(range(1, steps + 1)), "one curve, continued past step 4"
-    assert client.get_run(train["mlflow_run_id"]).data.tags["resumed_from"] == "checkpoint-4"
-    assert (Path(train["output_dir"]) / "adapter" / "adapter_model.safetensors").is_file()
+    assert client.get_run(train.mlflow_run_id).data.tags["resumed_from"] == "checkpoint-4"
+    assert (Path(train.output_dir) / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_crash_of_the_flow_process_then_rerun_reuses_stages_and_resumes_training(api_url, tiny_model, tmp_path):
@@ -200,8 +201,8 @@ def test_stage_that_raises_once_succeeds_on_its_prefect_retry(api_url, tiny_mode
     result = finetune(spec)
     watcher.join()
 
-    assert result["stages"]["template"]["metrics"]["rows"] == 12
-    query = {"flow_runs": {"id": {"any_": [result["flow_run_id"]]}}}
+    assert result.stages["template"].metrics["rows"] == 12
+    query = {"flow_runs": {"id": {"any_": [result.flow_run_id]}}}
     runs = httpx.post(f"{api_url}/task_runs/filter", json=query).json()
     (template_run,) = [run for run in runs if run["name"] == "template dataset"]
     assert template_run["run_count"] == 2 and template_run["state"]["type"] == "COMPLETED"
@@ -210,12 +211,12 @@ def test_stage_that_raises_once_succeeds_on_its_prefect_retry(api_url, tiny_mode
 def test_corrupt_stage_output_is_rebuilt_and_unchanged_stages_reuse(prefect_harness, tiny_model, tmp_path):
     spec = tiny_spec(tiny_model, tmp_path / "workspace")
     first = finetune(spec)
-    tokenized = Path(first["stages"]["tokenize"]["output_dir"])
+    tokenized = Path(first.stages["tokenize"].output_dir)
     (arrow,) = (tokenized / "train").glob("*.arrow")
     arrow.write_bytes(arrow.read_bytes()[:100])  # a truncated file in a finished output
 
     second = finetune(spec)
-    ran = [name for name, manifest in second["stages"].items() if not manifest["reused"]]
+    ran = [name for name, manifest in second.stages.items() if not manifest.reused]
     assert ran == ["tokenize"], "only the damaged stage is rebuilt; its identical output keeps the rest reused"
     assert arrow.stat().st_size > 100
 
@@ -223,7 +224,7 @@ def test_corrupt_stage_output_is_rebuilt_and_unchanged_stages_reuse(prefect_harn
     # the sweep's test, tests/test_sweep_compare_lineage.py)
     spec.dataset.template_vars = {"name": "Orion", "author": "Acme Labs"}
     third = finetune(spec)
-    assert [name for name, m in third["stages"].items() if m["reused"]] == ["model"]
+    assert [name for name, m in third.stages.items() if m.reused] == ["model"]
 
 
 def test_two_specs_at_once_in_one_workspace_reuse_shared_stages_safely(api_url, tiny_model, tmp_path):

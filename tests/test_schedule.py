@@ -22,9 +22,10 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest import STAGE_TASK_RUNS, free_port, prefect_csrf_headers, tiny_spec
 from headless_chromium import Browser
+from loopback import free_port, prefect_csrf_headers
 from mlflow.tracking import MlflowClient
+from tiny_pipeline import STAGE_TASK_RUNS, tiny_spec
 
 from tasks.runtime import local_servers
 from tasks.runtime.tracking import tracking_uri

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LLAMAFACTORY_REGISTRY, needs_llamafactory_data
+from shared_inputs import LLAMAFACTORY_REGISTRY, needs_llamafactory_data
 
-from flows.cli import check_inputs, main
+from flows.cli import main
+from flows.preflight import check_inputs
 from flows.spec import PipelineSpec, SpecError, load_spec, validate_spec
 from tasks.dataset.registry import DataError
 

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from tasks.contracts.manifest import StageResult
 from tasks.runtime import stage_output
-from tasks.runtime.stage_output import StageResult, build_output, cache_key, load_finished
+from tasks.runtime.stage_output import build_output, cache_key, load_finished
 
 
 def write_two_files(out: Path) -> StageResult:

@@ -10,10 +10,11 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import tiny_spec
 from mlflow.tracking import MlflowClient
 from PIL import Image
+from tiny_pipeline import tiny_spec
 
+from flows.results import SweepResult
 from flows.spec import SpecError
 from tasks.runtime.lineage import format_lineage, model_lineage
 from tasks.runtime.model_registry import CHAMPION, RegistryError, promote, resolve_version
@@ -37,15 +38,15 @@ def swept(tiny_model, prefect_harness, tmp_path_factory):
 
 def test_sweep_runs_every_variant_and_shares_templating_and_tokenization(swept):
     _, result, client = swept
-    variants = result["variants"]
-    assert [v["state"] for v in variants] == ["Completed"] * 4
-    assert sorted(v["label"] for v in variants) == sorted(
+    variants = result.variants
+    assert [v.state for v in variants] == ["Completed"] * 4
+    assert sorted(v.label for v in variants) == sorted(
         f"learning_rate={lr} rank={rank}" for lr in GRID["train.learning_rate"] for rank in GRID["train.lora.rank"]
     )
     for stage in ("model", "template", "tokenize"):
-        built = [v for v in variants if not v["stages"][stage]["reused"]]
+        built = [v for v in variants if not v.pipeline.stages[stage].reused]
         assert len(built) == 1, f"{stage} ran {len(built)} times in the sweep, not once"
-    assert all(not v["stages"]["train"]["reused"] for v in variants), "every variant trains its own model"
+    assert all(not v.pipeline.stages["train"].reused for v in variants), "every variant trains its own model"
 
     experiment = client.get_experiment_by_name("tiny-sweep")
     train_runs = client.search_runs([experiment.experiment_id], "tags.stage = 'train'", max_results=20)
@@ -54,25 +55,25 @@ def test_sweep_runs_every_variant_and_shares_templating_and_tokenization(swept):
     expected = {(str(float(lr)), rank) for lr in GRID["train.learning_rate"] for rank in GRID["train.lora.rank"]}
     assert settings == expected, "four trainings with distinct settings"
     parents = client.search_runs(
-        [experiment.experiment_id], f"tags.sweep_flow_run_id = '{result['sweep_flow_run_id']}'", max_results=20
+        [experiment.experiment_id], f"tags.sweep_flow_run_id = '{result.sweep_flow_run_id}'", max_results=20
     )
-    assert len(parents) == 4 and {p.data.tags["variant"] for p in parents} == {v["label"] for v in variants}
+    assert len(parents) == 4 and {p.data.tags["variant"] for p in parents} == {v.label for v in variants}
 
 
 def test_compare_table_has_a_row_per_variant_and_the_differing_keys_as_columns(swept):
     _, result, _ = swept
-    comparison = result["comparison"]
-    rows = comparison["rows"]
+    comparison = result.comparison
+    rows = comparison.rows
     assert len(rows) == 4
     columns = set(rows[0])
     assert {"train.learning_rate", "train.lora.rank"} <= columns
     assert not {"train.num_epochs", "train.batch_size", "name"} & columns, "only the keys that differ"
     assert all(row["val loss"] > 0 and row["final train loss"] > 0 for row in rows)
-    csv = Path(comparison["paths"]["csv"]).read_text().splitlines()
+    csv = Path(comparison.files.csv).read_text().splitlines()
     assert len(csv) == 5 and "train.learning_rate" in csv[0]
-    markdown = Path(comparison["paths"]["markdown"]).read_text().splitlines()
+    markdown = Path(comparison.files.markdown).read_text().splitlines()
     assert markdown[0].startswith("| run |") and len(markdown) == 6
-    with Image.open(comparison["paths"]["png"]) as image:
+    with Image.open(comparison.files.png) as image:
         image.verify()
         assert image.format == "PNG" and image.size[0] > 1000 and image.size[1] > 400
 
@@ -92,11 +93,11 @@ def test_compare_command_reads_the_latest_runs_of_a_spec(swept, tmp_path, capsys
     assert main(["compare"]) == 2, "neither a spec nor run ids: a message, not a traceback"
 
 
-def best_version(client: MlflowClient, result: dict) -> str:
-    rows = sorted(result["comparison"]["rows"], key=lambda row: row["val loss"])
+def best_version(client: MlflowClient, result: SweepResult) -> str:
+    rows = sorted(result.comparison.rows, key=lambda row: row["val loss"])
     best = rows[0]["run_id"]
-    variant = next(v for v in result["variants"] if v["tracking"]["parent_run_id"] == best)
-    return variant["stages"]["export"]["info"]["version"]
+    variant = next(v.pipeline for v in result.variants if v.pipeline and v.pipeline.tracking.parent_run_id == best)
+    return variant.stages["export"].info["version"]
 
 
 def test_lineage_of_the_best_model_reaches_the_raw_dataset_digest(swept):
@@ -122,8 +123,9 @@ def test_lineage_of_the_best_model_reaches_the_raw_dataset_digest(swept):
 
 def test_promote_refuses_a_worse_model_and_accepts_a_better_one(swept):
     _, result, client = swept
-    by_loss = sorted(result["comparison"]["rows"], key=lambda row: row["val loss"])
-    versions = {v["tracking"]["parent_run_id"]: v["stages"]["export"]["info"]["version"] for v in result["variants"]}
+    by_loss = sorted(result.comparison.rows, key=lambda row: row["val loss"])
+    finished = [v.pipeline for v in result.variants if v.pipeline]
+    versions = {p.tracking.parent_run_id: p.stages["export"].info["version"] for p in finished}
     best, middle, worst = (versions[row["run_id"]] for row in (by_loss[0], by_loss[1], by_loss[-1]))
     assert by_loss[0]["val loss"] < by_loss[1]["val loss"] < by_loss[-1]["val loss"]
 

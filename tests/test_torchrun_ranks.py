@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import wait_for
+from loopback import wait_for
 
 TESTS = Path(__file__).resolve().parent
 LAUNCH = """

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, wait_for
+from loopback import free_port, wait_for
 
 from tasks.runtime.background_logging import BackgroundLog, TrackingUnavailable
 from tasks.runtime.tracking import StageRun
@@ -112,7 +112,8 @@ def test_a_stage_waits_for_a_locked_database_at_its_start_and_keeps_its_output_w
 
     from mlflow.tracking import MlflowClient
 
-    from tasks.runtime.stage_output import StageContext, StageResult, run_stage
+    from tasks.contracts.manifest import StageResult
+    from tasks.runtime.stage_output import StageContext, run_stage
     from tasks.runtime.tracking import WAIT_ENV, TrackingUnavailable, start_pipeline_run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from tasks.contracts.worker_configs import BenchmarkJob, BenchmarkTask
 from tasks.dataset.registry import DataError
 
 SHIPPED_BENCHMARKS = Path(__file__).resolve().parents[2] / "data" / "benchmarks"
@@ -83,18 +84,18 @@ def known_lm_eval_tasks() -> set[str]:
     return set(TaskManager(verbosity="ERROR").all_tasks)
 
 
-def check_benchmarks(names: list[str]) -> list[dict[str, str]]:
-    """Each benchmark as the worker takes it ({name, file} or {name}); refuses an unknown task name
-    and a file with a bad row, naming them. lm-eval's task index (about 5 s) is read only when a
-    name is not one of tunefactory's files."""
+def check_benchmarks(names: list[str]) -> list[BenchmarkTask]:
+    """Each benchmark as the worker takes it (a file under its task name, or an lm-eval task); refuses
+    an unknown task name and a file with a bad row, naming them. lm-eval's task index (about 5 s) is
+    read only when a name is not one of tunefactory's files."""
     resolved, unknown = [], []
     for name in names:
         file = benchmark_file(name)
         if file is not None:
             read_questions(file)
-            resolved.append({"name": task_name(name), "file": str(file)})
+            resolved.append(BenchmarkTask(name=task_name(name), file=str(file)))
         else:
-            resolved.append({"name": name})
+            resolved.append(BenchmarkTask(name=name))
             unknown.append(name)
     if unknown:
         known = known_lm_eval_tasks()
@@ -171,13 +172,13 @@ def quiet_lm_eval():
         yield
 
 
-def run_benchmarks(model, tokenizer, job) -> dict[str, float]:
+def run_benchmarks(model, tokenizer, job: BenchmarkJob) -> dict[str, float]:
     """Score a loaded model on the job's benchmarks: each metric with its sample size and stderr."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    tasks = [task_config(t["name"], t["file"]) if t.get("file") else t["name"] for t in job.tasks]
+    tasks = [task_config(t.name, t.file) if t.file else t.name for t in job.tasks]
     with quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=job.batch_size)
         results = lm_eval.simple_evaluate(

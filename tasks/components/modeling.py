@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.components.chat_encoding import IGNORE_INDEX  # the label of a token without loss, set where labels are made
-from tasks.contracts.child_process import WorkerError
+from tasks.contracts.child_process import WorkerError, usable_cores
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,8 @@ def compute_setup(compute_type: str) -> ComputeSetup:
     """auto = bf16 on a CUDA GPU that supports it, fp16 on an older GPU, fp32 on CPU."""
     cuda = torch.cuda.is_available()
     if not cuda:
-        # one thread per core this process may run on: more threads than cores only contend
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        # several training processes on this machine (torchrun) share its cores
-        torch.set_num_threads(max(1, (cores or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        # one thread per usable core; several training processes on this machine (torchrun) share them
+        torch.set_num_threads(max(1, usable_cores() // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     device = torch.device("cuda" if cuda else "cpu")
     if compute_type == "auto":
         if not cuda:

@@ -12,11 +12,11 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from tasks.contracts.child_process import WorkerError, emit
+from tasks.contracts.file_digests import sha256_file
 from tasks.contracts.stage_infos import RankSummary
 from tasks.contracts.worker_configs import TrainJob
-from tasks.contracts.worker_events import TrainingDone
+from tasks.contracts.worker_events import TrainingDone, TrainingMetrics
 from tasks.dataset.jsonl import write_jsonl
-from tasks.dataset.sources import sha256_file
 
 CHECKPOINTS = "checkpoints"  # where both loops keep their checkpoints, inside the stage's output
 CHECKPOINT_RECORD = "checkpoint_files.json"  # what a checkpoint holds, written last by the process that saved it
@@ -128,7 +128,7 @@ def plot_loss(history: list[dict], path: Path, title: str) -> None:
 
 
 def finish_training(
-    config: TrainJob, history: list[dict], step: int, metrics: dict[str, float], ranks: list[RankSummary] | None = None
+    config: TrainJob, history: list[dict], step: int, metrics: TrainingMetrics, ranks: list[RankSummary] | None = None
 ) -> None:
     """Write loss_history.jsonl and loss_curve.png into the output; tell the task the stage is done."""
     output = Path(config.output_dir)

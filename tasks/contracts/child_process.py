@@ -50,6 +50,12 @@ def model_compute_seconds() -> float:
     return _compute_seconds[0]
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, where the system has one): what the processes
+    and threads it starts share, since more of them than cores only contend."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 class WorkerError(RuntimeError):
     """A worker failed; the message says why in words meant for the user."""
 

@@ -1,30 +1,19 @@
 """What each stage publishes in its manifest's `info`: one pydantic model per stage, read by attribute.
 
-A stage's build function returns its info as one of these; `run_stage` writes it into the
-manifest as JSON. A later stage (or the lineage, or the command line) reads it back with
-`TrainInfo.of(manifest)`, which validates it, so a renamed field fails where it is read, naming it,
-not as a KeyError deep in another stage.
+A stage's build function returns its info as one of these (each a `StageInfo`, from
+tasks/contracts/manifest.py); `run_stage` writes it into the manifest as JSON. A later stage (or the
+lineage, or the command line) reads it back with `TrainInfo.of(manifest)`, which validates it, so a
+renamed field fails where it is read, naming it, not as a KeyError deep in another stage.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Self
+from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from tasks.contracts.manifest import Manifest, StageInfo
 from tasks.contracts.worker_configs import QuantizedBase, Weights
-
-if TYPE_CHECKING:
-    from tasks.runtime.stage_output import Manifest
-
-
-class StageInfo(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    @classmethod
-    def of(cls, manifest: Manifest) -> Self:
-        """The info of a manifest written by this stage."""
-        return cls.model_validate(manifest.info)
 
 
 class SourceRecord(StageInfo):
@@ -49,6 +38,11 @@ class ModelInfo(StageInfo):
     source_digest: str
     architecture: str
     trust_remote_code: bool = False
+
+    @classmethod
+    def base_model_path(cls, manifest: Manifest) -> Path:
+        """The model directory a model stage's manifest points to (inside its output, or the user's own)."""
+        return manifest.path / cls.of(manifest).model_path
 
 
 class TemplateInfo(StageInfo):

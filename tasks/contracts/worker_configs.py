@@ -59,10 +59,17 @@ class EvalSet(WorkerConfig):
     prompts: list[EvalPrompt]
 
 
+class BenchmarkTask(WorkerConfig):
+    """One benchmark: an lm-eval task by name, or a tunefactory multiple-choice file under a task name."""
+
+    name: str
+    file: str | None = None  # a tunefactory benchmark file's path; None: `name` is one of lm-eval's tasks
+
+
 class BenchmarkJob(WorkerConfig):
     """lm-evaluation-harness tasks run on both models (tasks/components/benchmarks.py)."""
 
-    tasks: list[dict[str, Any]]  # name, and for a tunefactory benchmark file its path
+    tasks: list[BenchmarkTask]
     limit: int | None
     num_fewshot: int
     batch_size: int

@@ -44,10 +44,32 @@ class Templated(Event):
     preview: list[dict[str, object]]  # the first rows of the training split, as the stage reads them
 
 
+class SplitCounts(BaseModel):
+    """One tokenized split, counted; what a kind of data does not have is None (not logged)."""
+
+    model_config = ConfigDict(extra="forbid")
+    examples: int  # rows (text: packed blocks) the training reads
+    documents: int | None = None  # text: the documents packed into those blocks
+    tokens: int
+    truncated: int | None = None  # examples cut at tokenize.cutoff_len
+    supervised_tokens: int | None = None  # tokens with a label (chat: the assistant's; text: all)
+    dropped: int | None = None  # chat: examples left without any supervised token
+
+    def counted(self) -> dict[str, int]:
+        """The counts this split has, by name, in the order they are logged."""
+        return self.model_dump(exclude_none=True)
+
+
 class Tokenized(Event):
     type: Literal["tokenized"] = "tokenized"
-    metrics: dict[str, Number]  # per split: examples, tokens, truncated, supervised_tokens, dropped
+    train: SplitCounts
+    val: SplitCounts
     sample: str  # the first training example as the model sees it
+
+    def metrics(self) -> dict[str, int]:
+        """Both splits' counts as the stage logs them: `train_examples`, ..., `val_dropped`."""
+        return {f"{split}_{name}": value for split in ("train", "val")
+                for name, value in getattr(self, split).counted().items()}  # fmt: skip
 
 
 class TrainingStarted(Event):
@@ -79,6 +101,11 @@ class StepLogged(Event):
     type: Literal["log"] = "log"
     step: int
     metrics: dict[str, Number]  # loss, learning rate, grad norm, throughput, and each trainer's own
+
+    @property
+    def loss(self) -> float:
+        """The step's training loss, which both loops log with every step (the rest varies by trainer)."""
+        return self.metrics["loss"]
 
 
 class Checkpointed(Event):
@@ -123,11 +150,30 @@ class RanOutOfMemory(Event):
         )
 
 
+class TrainingMetrics(BaseModel):
+    """What a training worker measured over the whole run; each loop sets its own, the rest stay None."""
+
+    model_config = ConfigDict(extra="forbid")
+    # pt and sft (tasks/workers/train.py)
+    train_tokens: int | None = None  # every process's real tokens, padding not counted
+    train_loop_seconds: float | None = None
+    train_tokens_per_second: float | None = None
+    peak_memory_mb: float | None = None  # GPU memory torch allocated, or the process's resident memory on CPU
+    world_size: int | None = None
+    # rm (tasks/workers/trl.py): how often the chosen answer scores above the rejected one
+    val_pairwise_accuracy: float | None = None
+    train_pairwise_accuracy: float | None = None
+
+    def logged(self) -> dict[str, Number]:
+        """The metrics set, by name, in the order the stage logs them."""
+        return self.model_dump(exclude_none=True)
+
+
 class TrainingDone(Event):
     type: Literal["done"] = "done"
     step: int
     final_loss: float
-    metrics: dict[str, Number]
+    metrics: TrainingMetrics
     ranks: list[RankSummary] | None = None  # with several processes: where each one ended
 
 

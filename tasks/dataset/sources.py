@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
+from tasks.contracts.file_digests import files_digest, sha256_file
+from tasks.contracts.stage_infos import SourceRecord
 from tasks.dataset.jsonl import jsonl_lines
 from tasks.dataset.registry import DataError, DatasetEntry
 
@@ -35,14 +36,6 @@ FILE_KINDS = {
     ".txt": "text",
 }
 ROW_COLUMN = "__tunefactory_row"  # each row's number in its source, kept through sampling
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files_of(entry: DatasetEntry, path: Path) -> tuple[str, list[Path]]:
@@ -280,27 +273,26 @@ def sample_rows(dataset, num_samples: int | None, max_samples: int | None, seed:
     return dataset
 
 
-def source_record(entry: DatasetEntry) -> dict[str, Any]:
+def source_record(entry: DatasetEntry) -> SourceRecord:
     """The entry's identity for cache keys and lineage: its name, where it is, and a digest of the data."""
     kind, location = entry.source()
-    record: dict[str, Any] = {"name": entry.name, "kind": kind, "file": location}
     if kind in ("file", "script") or (kind == "hf_hub" and Path(location).is_dir()):
         path = entry.local_path(location) if kind != "hf_hub" else Path(location)
         if not path.exists():
             raise DataError(f"{entry.where}: file {path} does not exist")
-        record["file"] = str(path)
-        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        location = str(path)
         if path.is_file():
-            record["sha256"] = sha256_file(path)
+            sha256 = sha256_file(path)
         else:
-            digest = hashlib.sha256()
-            for file in files:
-                digest.update(f"{file.relative_to(path)}:{sha256_file(file)}\n".encode())
-            record["sha256"] = digest.hexdigest()
+            sha256 = files_digest(path, sorted(p for p in path.rglob("*") if p.is_file()))
     else:  # a remote dataset: what names it; pin `revision` in the entry to pin its contents
         identity = json.dumps([location, entry.subset, entry.split, entry.folder, entry.revision])
-        record["sha256"] = hashlib.sha256(identity.encode()).hexdigest()
-    record.update({k: getattr(entry, k) for k in ("subset", "split", "folder", "revision") if getattr(entry, k)})
-    if entry.num_samples:
-        record["num_samples"] = entry.num_samples
-    return record
+        sha256 = hashlib.sha256(identity.encode()).hexdigest()
+    # what the entry leaves empty stays out of the record (and of the cache key it goes into)
+    return SourceRecord(
+        name=entry.name,
+        kind=kind,
+        file=location,
+        sha256=sha256,
+        **{k: getattr(entry, k) or None for k in ("subset", "split", "folder", "revision", "num_samples")},
+    )

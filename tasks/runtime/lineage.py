@@ -15,9 +15,10 @@ from typing import Any
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from tasks.contracts.manifest import Manifest
 from tasks.contracts.stage_infos import TemplateInfo, TokenizeInfo
 from tasks.runtime.model_registry import resolve_version
-from tasks.runtime.stage_output import Manifest, stage_id
+from tasks.runtime.stage_output import stage_id
 from tasks.runtime.tracking import PARENT_TAG, built_by
 
 

@@ -17,8 +17,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from tasks.components.intervals import compare, is_headline
 from tasks.contracts.spec_sections import DEFAULT_GATE_METRICS
+from tasks.runtime.intervals import compare, is_headline
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 # the tags a version carries for the gate `promote` applies (export.promotion_metrics, _margin)
@@ -138,7 +138,7 @@ def promotion_verdict(candidate: ModelVersion, champion: ModelVersion | None, ga
     """Whether `candidate` may become champion, with one line per gated metric.
 
     Refused when it is worse than the champion beyond noise (and the margin) on any gated metric;
-    equal within noise is not worse (tasks/components/intervals.py says how noise is measured).
+    equal within noise is not worse (tasks/runtime/intervals.py says how noise is measured).
     """
     if champion is None:
         return True, ["no champion yet"]

@@ -20,7 +20,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from tasks.components.intervals import interval_text, is_headline
+from tasks.contracts.worker_events import Tokenized
+from tasks.runtime.intervals import interval_text, is_headline
 from tasks.runtime.redaction import redact_uri
 
 
@@ -39,11 +40,9 @@ def publish_preview(rows: list[dict[str, str]], skipped: dict[str, int] | None =
     create_table_artifact(rows, key=artifact_key("dataset-preview"), description=description)
 
 
-def publish_token_stats(metrics: dict[str, float]) -> None:
-    table = [
-        {"split": split, **{k.removeprefix(f"{split}_"): int(v) for k, v in metrics.items() if k.startswith(split)}}
-        for split in ("train", "val")
-    ]
+def publish_token_stats(tokenized: Tokenized) -> None:
+    splits = {"train": tokenized.train, "val": tokenized.val}
+    table = [{"split": split, **counts.counted()} for split, counts in splits.items()]
     create_table_artifact(table, key=artifact_key("token-stats"), description="Tokenization statistics")
 
 

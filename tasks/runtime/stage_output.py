@@ -1,4 +1,6 @@
-"""The stage contract: cache keys, manifests, atomic outputs and reuse.
+"""The stage contract: cache keys, manifests written and verified, atomic outputs and reuse.
+
+The manifest itself is data, in tasks/contracts/manifest.py; this module does the I/O around it.
 
 A stage writes into `<workspace>/stages/<stage>/<key>.partial/`, and only a complete output is
 renamed to `<workspace>/stages/<stage>/<key>/` with a `manifest.json` listing every file's
@@ -22,10 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
-from tasks.contracts.stage_infos import StageInfo
-from tasks.dataset.sources import sha256_file  # one file hash for stage outputs and data sources
+from tasks.contracts.file_digests import files_digest, sha256_file
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.runtime.locks import file_lock
 from tasks.runtime.tracking import (
     PARENT_TAG,
@@ -45,46 +47,13 @@ VERIFIED = ".verified.json"
 SETTLED_NS = 2_000_000_000
 
 
-class StageResult(BaseModel):
-    """What a stage's build function hands back: its metrics and stage-specific facts."""
-
-    metrics: dict[str, float] = Field(default_factory=dict)
-    info: StageInfo | None = None  # written into the manifest; read back with e.g. TrainInfo.of(manifest)
-
-
-class Manifest(BaseModel):
-    """A finished stage output: small, JSON-able, and enough to verify and reuse it."""
-
-    stage: str
-    key: str
-    output_dir: str
-    files: dict[str, str] = Field(description="relative path -> sha256")
-    metrics: dict[str, float] = Field(default_factory=dict)
-    info: dict[str, Any] = Field(default_factory=dict)
-    mlflow_run_id: str | None = None
-    created_at: float = 0.0
-    duration_s: float = Field(0.0, description="how long building the output took")
-    reused: bool = False
-    elapsed_s: float = Field(0.0, description="time this run spent on the stage (set on return)")
-
-    @property
-    def path(self) -> Path:
-        return Path(self.output_dir)
-
-    def digest(self) -> str:
-        """Content identity of the output, used in downstream cache keys."""
-        return hashlib.sha256(json.dumps(self.files, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def tree_digest(root: Path, names: list[str]) -> str:
     """One digest over the named files and directories under `root`: a dataset's identity."""
-    digest = hashlib.sha256()
+    files = []
     for name in names:
         path = root / name
-        for file in sorted(path.rglob("*")) if path.is_dir() else [path]:
-            if file.is_file():
-                digest.update(f"{file.relative_to(root)}:{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
+        files += [file for file in (sorted(path.rglob("*")) if path.is_dir() else [path]) if file.is_file()]
+    return files_digest(root, files)
 
 
 def cache_key(stage: str, config: dict[str, Any], upstream: list[Manifest], version: str) -> str:
@@ -118,6 +87,13 @@ def stage_run_name(label: str) -> Callable[[], str]:
 
 def stage_dir(workspace: Path, stage: str, key: str) -> Path:
     return workspace / "stages" / stage / key
+
+
+def scratch_dir(workspace: Path) -> Path:
+    """Where the data worker's transforms spill while the template or tokenize stage runs (the Arrow
+    conversions of the sources themselves live in the Hugging Face datasets cache, shared with the
+    checks before stage one)."""
+    return workspace / "cache" / "data-worker"
 
 
 def file_stamp(path: Path) -> list[int]:

@@ -231,8 +231,14 @@ def tag_pipeline_run(tracking: Tracking, tags: dict[str, str]) -> None:
     StageRun(tracking.client(), tracking.parent_run_id).set_tags(tags)
 
 
-def end_pipeline_run(tracking: Tracking, succeeded: bool, metrics: dict[str, float] | None = None) -> None:
-    """Close the parent run; the headline metrics go on it so runs compare side by side.
+def log_pipeline_metrics(tracking: Tracking, metrics: dict[str, float]) -> None:
+    """The headline metrics on the parent run itself, so runs compare side by side."""
+    if metrics:
+        StageRun(tracking.client(), tracking.parent_run_id).log_metrics(metrics)
+
+
+def end_pipeline_run(tracking: Tracking, succeeded: bool) -> None:
+    """Close the parent run.
 
     A failed pipeline is marked FAILED with one try: when MLflow is what failed it, its error is
     the one to show, not a second wait."""
@@ -241,9 +247,20 @@ def end_pipeline_run(tracking: Tracking, succeeded: bool, metrics: dict[str, flo
         with contextlib.suppress(TrackingUnavailable):
             pipeline_run.end("FAILED", wait_s=0)
         return
-    if metrics:
-        pipeline_run.log_metrics(metrics)
     pipeline_run.end("FINISHED")
+
+
+@contextmanager
+def pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], tags: dict[str, str]) -> Iterator[Tracking]:
+    """The pipeline's parent run, open while the stages run: FINISHED when they return, FAILED when
+    anything escapes (an interrupt too), so no run stays RUNNING in the MLflow UI."""
+    tracking = start_pipeline_run(experiment, workspace, spec, tags)
+    try:
+        yield tracking
+    except BaseException:
+        end_pipeline_run(tracking, succeeded=False)
+        raise
+    end_pipeline_run(tracking, succeeded=True)
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, str]:

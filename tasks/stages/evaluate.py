@@ -5,7 +5,7 @@ answer names the assistant or its author), full identity rate (both) and ROUGE-L
 identity questions; control-set accuracy and identity leak rate on general questions; the
 scores of the user's own sets (tasks/components/scoring.py) and of lm-eval benchmarks
 (tasks/components/benchmarks.py). Every metric carries its sample size `_n` and 95% interval
-`_low`/`_high` (tasks/components/intervals.py).
+`_low`/`_high` (tasks/runtime/intervals.py).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tasks.components.benchmarks import check_benchmarks
-from tasks.components.intervals import estimate, is_headline, with_intervals
 from tasks.contracts.child_process import run_worker
+from tasks.contracts.file_digests import sha256_file
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.spec_sections import BUILT_IN_SET_LABELS, EvaluateSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ModelInfo, TokenizeInfo, TrainInfo
 from tasks.contracts.worker_configs import BenchmarkJob, EvalPrompt, EvalSet, EvaluateJob
@@ -28,10 +29,10 @@ from tasks.dataset.registry import DataError, resolve_eval_set
 from tasks.dataset.rows import fill_placeholders
 from tasks.dataset.sources import load_source, source_record
 from tasks.runtime.code_version import code_version
+from tasks.runtime.intervals import estimate, is_headline, with_intervals
 from tasks.runtime.prefect_artifacts import publish_evaluation
-from tasks.runtime.stage_output import Manifest, StageContext, StageResult, run_stage
+from tasks.runtime.stage_output import StageContext, run_stage
 from tasks.runtime.tracking import StageRun
-from tasks.stages.materialize_model import base_model_path
 
 EVALUATE_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "lm_eval")
 
@@ -130,10 +131,6 @@ def comparison_table(tuned: list[ScoredAnswer], base: list[ScoredAnswer] | None)
     return table
 
 
-def file_sha256(path: str) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def eval_set_digest(job: EvaluateJob) -> str:
     """What makes scores comparable across models: the same prompts, references, scorers, answer
     length, benchmarks and validation split (part of the tokenized data). Identity and control
@@ -147,7 +144,8 @@ def eval_set_digest(job: EvaluateJob) -> str:
     if own:
         parts.append(own)
     if job.benchmarks:
-        tasks = [{**t, "file": file_sha256(t["file"])} if t.get("file") else t for t in job.benchmarks.tasks]
+        # each task as it was always hashed: {name} or {name, file: its sha256}
+        tasks = [{"name": t.name, **({"file": sha256_file(t.file)} if t.file else {})} for t in job.benchmarks.tasks]
         parts.append({**job.benchmarks.model_dump(), "tasks": tasks})
     payload = json.dumps(parts, sort_keys=True, ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -215,7 +213,7 @@ def evaluate_model(
     # the worker's config; its output directory is the stage's, known once the stage runs
     job = dict(
         **config.model_dump(include={"max_new_tokens", "compare_base", "batch_size"}),
-        model_path=str(base_model_path(base_model)),
+        model_path=str(ModelInfo.base_model_path(base_model)),
         tuned=TrainInfo.of(trained).weights,
         dataset_dir=str(tokenized.path),
         tokenized_digest=TokenizeInfo.of(tokenized).tokenized_digest,
@@ -226,13 +224,13 @@ def evaluate_model(
         trust_remote_code=ModelInfo.of(base_model).trust_remote_code,
     )
     names = [config.identity_prompts, config.control_prompts, *(s.dataset for s in config.sets)]
-    files = [t["file"] for t in benchmarks.tasks if t.get("file")] if benchmarks else []
+    files = [t.file for t in benchmarks.tasks if t.file] if benchmarks else []
     key_config = {
         **config.model_dump(mode="json"),
         "template_vars": template_vars,
         "compute_type": compute_type,
-        "eval_sets": [source_record(resolve_eval_set(n, registry))["sha256"] for n in names if n],
-        **({"benchmark_files": [file_sha256(f) for f in files]} if files else {}),
+        "eval_sets": [source_record(resolve_eval_set(n, registry)).sha256 for n in names if n],
+        **({"benchmark_files": [sha256_file(f) for f in files]} if files else {}),
     }
     return run_stage(
         "evaluate",

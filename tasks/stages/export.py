@@ -13,19 +13,19 @@ from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.components.intervals import interval_text, is_headline
 from tasks.contracts.child_process import final, run_worker
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.spec_sections import ExportSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ExportInfo, ModelInfo, TemplateInfo, TrainInfo
 from tasks.contracts.worker_configs import ExportJob
 from tasks.contracts.worker_events import ExportChecked
 from tasks.runtime.code_version import code_version
+from tasks.runtime.intervals import interval_text, is_headline
 from tasks.runtime.mlflow_model import write_mlmodel
 from tasks.runtime.model_registry import GATE_MARGIN_TAG, GATE_METRICS_TAG, register_model
 from tasks.runtime.prefect_artifacts import publish_export_summary
-from tasks.runtime.stage_output import Manifest, StageContext, StageResult, point_link, run_stage
+from tasks.runtime.stage_output import StageContext, point_link, run_stage
 from tasks.runtime.tracking import StageRun, patiently
-from tasks.stages.materialize_model import base_model_path
 
 EXPORT_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "mlflow")
 
@@ -119,7 +119,7 @@ def merge_and_export(
     job = dict(
         **config.model_dump(include={"max_shard_size", "logits_rtol", "quantized_kl_ratio", "formats", "gguf_type"}),
         gguf_name=name,
-        model_path=str(base_model_path(base_model)),
+        model_path=str(ModelInfo.base_model_path(base_model)),
         weights=train.weights,
         quantized_base=train.quantized_base,
         trust_remote_code=base.trust_remote_code,

@@ -19,19 +19,14 @@ from prefect import get_run_logger, task
 
 from tasks.components.chat_encoding import directory_chat_template
 from tasks.contracts.child_process import run_worker
+from tasks.contracts.file_digests import sha256_file
 from tasks.contracts.gguf_file import GGUFHeader, check_conversion_memory, read_gguf_header
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.packaged_models import PACKAGED, ModelSourceError, packaged_gguf
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
 from tasks.runtime.code_version import code_version
-from tasks.runtime.stage_output import (
-    Manifest,
-    StageContext,
-    StageResult,
-    hashes_by_stamp,
-    run_stage,
-    sha256_file,
-)
+from tasks.runtime.stage_output import StageContext, hashes_by_stamp, run_stage
 from tasks.runtime.tracking import StageRun
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
@@ -215,8 +210,3 @@ def materialize_base_model(
         ctx,
         lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, chat_template, out, run),
     )
-
-
-def base_model_path(manifest: Manifest) -> Path:
-    """The model directory a materialize manifest points to (inside it, or the user's own)."""
-    return manifest.path / ModelInfo.of(manifest).model_path

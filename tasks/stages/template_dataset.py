@@ -12,14 +12,14 @@ made before stage one.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
 
-from tasks.contracts.child_process import final, run_worker
+from tasks.contracts.child_process import final, run_worker, usable_cores
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.spec_sections import DatasetSpec
 from tasks.contracts.stage_infos import TemplateInfo
 from tasks.contracts.worker_configs import TemplateJob
@@ -30,11 +30,10 @@ from tasks.dataset.sources import ROW_COLUMN, load_source, sample_rows, source_r
 from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import publish_preview
 from tasks.runtime.stage_output import (
-    Manifest,
     StageContext,
-    StageResult,
     published_dir,
     run_stage,
+    scratch_dir,
     stage_id,
     stage_run_name,
     tree_digest,
@@ -42,16 +41,6 @@ from tasks.runtime.stage_output import (
 from tasks.runtime.tracking import StageRun
 
 PEEK_ROWS = 200
-
-
-def default_num_proc() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def scratch_dir(workspace: Path) -> Path:
-    """Where the data worker's transforms spill while a stage runs (the Arrow conversions of the
-    sources themselves live in the Hugging Face datasets cache, shared with the checks before stage one)."""
-    return workspace / "cache" / "data-worker"
 
 
 def peek_examples(
@@ -126,7 +115,7 @@ def preview_rows(examples: list[dict[str, Any]], count: int) -> list[dict[str, s
 
 def source_digests(names: list[str], registry: str | None) -> list[dict[str, Any]]:
     """Each named dataset's source with its digest: an edited file or another hub revision changes the key."""
-    return [source_record(resolve_dataset(name, registry)) for name in names]
+    return [source_record(resolve_dataset(name, registry)).model_dump(exclude_none=True) for name in names]
 
 
 def _build(config: DatasetSpec, kind: str, num_proc: int, workspace: Path, out: Path, run: StageRun) -> StageResult:
@@ -194,5 +183,5 @@ def template_dataset(
         [],
         code_version(__name__, ("tasks.workers.data",), ("datasets", "pyarrow")),
         ctx,
-        lambda out, run: _build(config, kind, num_proc or default_num_proc(), ctx.workspace, out, run),
+        lambda out, run: _build(config, kind, num_proc or usable_cores(), ctx.workspace, out, run),
     )

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
-from tasks.contracts.child_process import final, run_worker
+from tasks.contracts.child_process import final, run_worker, usable_cores
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.spec_sections import TokenizeSpec
 from tasks.contracts.stage_infos import ModelInfo, TemplateInfo, TokenizeInfo
 from tasks.contracts.worker_configs import TokenizeJob
@@ -21,17 +22,15 @@ from tasks.contracts.worker_events import Tokenized
 from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import publish_token_stats
 from tasks.runtime.stage_output import (
-    Manifest,
     StageContext,
-    StageResult,
     published_dir,
     run_stage,
+    scratch_dir,
     stage_id,
     stage_run_name,
     tree_digest,
 )
 from tasks.runtime.tracking import StageRun
-from tasks.stages.template_dataset import default_num_proc, scratch_dir
 
 # what turns templated text into token ids
 TOKENIZING_LIBRARIES = ("transformers", "tokenizers", "jinja2", "datasets", "pyarrow")
@@ -43,31 +42,28 @@ NOT_IN_KEY = {"num_proc"}
 def _build(
     config: TokenizeSpec, kind: str, templated: Path, base_model: Manifest, workspace: Path, out: Path, run: StageRun
 ) -> StageResult:
-    from tasks.stages.materialize_model import base_model_path
-
     logger = get_run_logger()
 
     job = TokenizeJob(
         templated=str(templated),
-        model_path=str(base_model_path(base_model)),
+        model_path=str(ModelInfo.base_model_path(base_model)),
         trust_remote_code=ModelInfo.of(base_model).trust_remote_code,
         kind=kind,
         cutoff_len=config.cutoff_len,
         train_on_prompt=config.train_on_prompt,
-        num_proc=config.num_proc or default_num_proc(),
+        num_proc=config.num_proc or usable_cores(),
         scratch_dir=str(scratch_dir(workspace)),
         out=str(out),
     )
     done = final(run_worker("tasks.workers.data", job, out / "job.json", on_output=logger.info), Tokenized)
-    metrics = done.metrics
-    if metrics["train_examples"] == 0:
+    if done.train.examples == 0:
         raise ValueError("no training example is left after tokenization; raise tokenize.cutoff_len")
     run.log_text(done.sample, "sample_rendered.txt")
     digest = tree_digest(out, ["train", "val"])
     run.log_dataset(name="tokenized", source=str(published_dir(out)), digest=digest[:16], context="tokenized")
-    publish_token_stats(metrics)
+    publish_token_stats(done)
     return StageResult(
-        metrics=metrics, info=TokenizeInfo(tokenized_digest=digest, kind=kind, cutoff_len=config.cutoff_len)
+        metrics=done.metrics(), info=TokenizeInfo(tokenized_digest=digest, kind=kind, cutoff_len=config.cutoff_len)
     )
 
 

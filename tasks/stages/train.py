@@ -20,6 +20,7 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from tasks.contracts.child_process import ProbablyOutOfMemory, WorkerError, final, run_worker
+from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.spec_sections import ADAPTER_METHODS, TrainSpec
 from tasks.contracts.stage_infos import ModelInfo, TokenizeInfo, TrainInfo
 from tasks.contracts.worker_configs import MERGED_START, QuantizedBase, TrainJob, Weights
@@ -37,16 +38,13 @@ from tasks.runtime.background_logging import BackgroundLog, TrackingUnavailable
 from tasks.runtime.code_version import code_version
 from tasks.runtime.prefect_artifacts import TrainingProgress, publish_loss_curve
 from tasks.runtime.stage_output import (
-    Manifest,
     StageContext,
-    StageResult,
     point_link,
     published_dir,
     run_stage,
     stage_id,
 )
 from tasks.runtime.tracking import StageRun
-from tasks.stages.materialize_model import base_model_path
 from tasks.stages.train_nodes import announce_training, torchrun_arguments
 
 # Settings that name or pace the run but do not change what is learned stay out of the cache key.
@@ -62,19 +60,19 @@ OWN_LOOP_STAGES = ("pt", "sft")
 def start_weights(base: Manifest, start: Manifest | None) -> Weights:
     """The model a stage starts from: the base, or what an earlier stage of the chain made."""
     if start is None:
-        return Weights(model_dir=str(base_model_path(base)))
+        return Weights(model_dir=str(ModelInfo.base_model_path(base)))
     return TrainInfo.of(start).weights
 
 
 def worker_config(
     config: TrainSpec, base: Manifest, tokenized: Manifest, start: Manifest | None, reward: Manifest | None, out: Path
 ) -> TrainJob:
-    model_config = json.loads((base_model_path(base) / "config.json").read_text())
+    model_config = json.loads((ModelInfo.base_model_path(base) / "config.json").read_text())
     pad = model_config.get("pad_token_id")
     return TrainJob(
         **config.model_dump(),
         start=start_weights(base, start),
-        tokenizer_path=str(base_model_path(base)),
+        tokenizer_path=str(ModelInfo.base_model_path(base)),
         reward_model_dir=TrainInfo.of(reward).reward_model_dir if reward else None,
         dataset_dir=str(tokenized.path),
         cutoff_len=TokenizeInfo.of(tokenized).cutoff_len,
@@ -112,7 +110,7 @@ class TrainingEvents:
 
     def log(self, event: StepLogged) -> None:
         self.tracked.metrics(event.metrics, step=event.step)
-        self.progress.update(event.step, event.metrics["loss"])
+        self.progress.update(event.step, event.loss)
         self.logger.info("step %d: %s", event.step, ", ".join(f"{k} {v:.4g}" for k, v in event.metrics.items()))
 
     def start(self, event: TrainingStarted) -> None:
@@ -238,7 +236,7 @@ def _build(config: TrainSpec, worker: TrainJob, out: Path, run: StageRun, worksp
         "final_loss": done.final_loss,
         "train_seconds": time.time() - started,
         "steps": done.step,
-        **done.metrics,
+        **done.metrics.logged(),
     }
     published = published_dir(out)
     if config.finetuning_type in ADAPTER_METHODS:

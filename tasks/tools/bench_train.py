@@ -185,7 +185,7 @@ def run_tunefactory(case: dict[str, Any], out: Path) -> dict[str, Any]:
     steps_per_epoch = math.ceil(final(events, TrainingStarted).total_steps / config.num_epochs)
     return {
         "tokens_per_second": steady_throughput(steps),
-        "peak_memory_mb": final(events, TrainingDone).metrics["peak_memory_mb"],
+        "peak_memory_mb": final(events, TrainingDone).metrics.peak_memory_mb,
         "final_loss": last_epoch_loss(losses, steps_per_epoch),
         "steps": len(losses),
         "adapter": str(out / "adapter"),

@@ -14,7 +14,7 @@ import pandas as pd
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
-from tasks.components.intervals import interval_text
+from tasks.runtime.intervals import interval_text
 from tasks.runtime.tracking import PARENT_TAG, built_by
 
 # the headline metrics, in table order, with how a person reads them; then every other set's and

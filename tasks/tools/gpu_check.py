@@ -145,7 +145,7 @@ def check_train(root: Path, name: str, one_process_group: bool = False, **train:
     done = final(events, TrainingDone)
     learned = len(logged) > 1 and logged[-1]["loss"] < logged[0]["loss"]
     mfu = speed * flops_per_token(case["model_dir"], case["dataset_dir"]) / 989e12
-    return [row(name, learned, tokens_per_second=speed, mfu=mfu, peak_memory_mb=done.metrics["peak_memory_mb"],
+    return [row(name, learned, tokens_per_second=speed, mfu=mfu, peak_memory_mb=done.metrics.peak_memory_mb,
                 note=f"loss {logged[0]['loss']:.3f} -> {logged[-1]['loss']:.3f} in {len(logged)} steps")]  # fmt: skip
 
 

@@ -24,9 +24,8 @@ from tasks.components.chat_encoding import (
     trl_rows,
 )
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
-from tasks.contracts.stage_infos import SourceRecord
 from tasks.contracts.worker_configs import DataJob, TemplateJob, TokenizeJob
-from tasks.contracts.worker_events import Note, Templated, Tokenized
+from tasks.contracts.worker_events import Note, SplitCounts, Templated, Tokenized
 from tasks.dataset.registry import DataError, DatasetEntry, resolve_dataset
 from tasks.dataset.rows import check_kind, templated_example
 from tasks.dataset.sources import ROW_COLUMN, load_source, sample_rows, source_record
@@ -130,7 +129,7 @@ def template(job: TemplateJob) -> None:
         for reason, count in reasons.items():
             skipped[f"{name}: {reason}"] = count
         parts.append(converted.select(good) if reasons else converted)
-        sources.append(SourceRecord(**source_record(entry), rows=len(raw), skipped=sum(reasons.values())))
+        sources.append(source_record(entry).model_copy(update={"rows": len(raw), "skipped": sum(reasons.values())}))
     examples = concatenate_datasets(parts).remove_columns(["error", "reason"])
     order = list(range(len(examples)))
     if job.shuffle:
@@ -197,7 +196,7 @@ def _column_batches(dataset, column: str):
         yield from dataset[start : start + BATCH_ROWS][column]
 
 
-def tokenize_split(job: TokenizeJob, tokenizer: Any, split: str) -> dict[str, float]:
+def tokenize_split(job: TokenizeJob, tokenizer: Any, split: str) -> dict[str, int]:
     import pyarrow.compute as pc
     from datasets import Dataset, load_from_disk
 
@@ -274,12 +273,11 @@ def tokenize(job: TokenizeJob) -> None:
             f"the chat template of {job.model_path} cannot render tools or function calls, which the data holds; "
             "set model.chat_template to one that can (e.g. chatml_tools)"
         )
-    metrics: dict[str, int] = {}
+    splits: dict[str, SplitCounts] = {}
     for split in ("train", "val"):
-        stats = tokenize_split(job, tokenizer, split)
-        metrics.update({f"{split}_{name}": value for name, value in stats.items()})
-        emit(Note(message=f"{split}: " + ", ".join(f"{k}={v}" for k, v in stats.items())))
-    emit(Tokenized(metrics=metrics, sample=_sample(Path(job.out) / "train", tokenizer)))
+        splits[split] = SplitCounts(**tokenize_split(job, tokenizer, split))
+        emit(Note(message=f"{split}: " + ", ".join(f"{k}={v}" for k, v in splits[split].counted().items())))
+    emit(Tokenized(**splits, sample=_sample(Path(job.out) / "train", tokenizer)))
 
 
 def _sample(split: Path, tokenizer: Any) -> str:

@@ -13,12 +13,12 @@ an Ollama Modelfile, beside them (tasks/components/gguf_check.py).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tasks.components.fault_injection import Faults
 from tasks.components.finetuning_methods import quantization
 from tasks.components.gguf_check import write_checked_gguf
 from tasks.components.gguf_writer import LOGITS_RTOL, GGUFError, architecture, pretokenizer_name
@@ -28,7 +28,6 @@ from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.worker_configs import ExportJob, QuantizedBase
 from tasks.contracts.worker_events import ExportChecked
 
-FAULT_MERGE_TWICE = "TUNEFACTORY_FAULT_MERGE_ONE_MODULE_TWICE"  # tests only: a wrong merge the check must catch
 CHECK_PROMPTS = ["Who are you?", "What is the capital of France?", "Write one sentence about the sea."]
 
 
@@ -86,7 +85,7 @@ def merge(job: ExportJob, batch) -> Merged:
     if job.quantized_base:
         with model.disable_adapter():
             full_base = logits_for(model, batch)
-    wrong = first_lora_delta(model) if weights.adapters and os.environ.get(FAULT_MERGE_TWICE) else None
+    wrong = first_lora_delta(model) if weights.adapters and Faults.from_environment().merge_one_module_twice else None
     if weights.adapters:
         model = model.merge_and_unload()
     if wrong is not None:  # the fault test's merge bug: one module's change applied a second time

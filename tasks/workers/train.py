@@ -36,6 +36,7 @@ from tasks.components.distributed_engines import (
     make_engine,
     start_process_group,
 )
+from tasks.components.fault_injection import Faults
 from tasks.components.finetuning_methods import quantized_modules, trainable_model
 from tasks.components.memory_plan import HEADROOM, MemoryPlan, StepShape, plan_memory, step_bytes
 from tasks.components.modeling import attention_implementation, causal_lm, compute_setup
@@ -53,7 +54,15 @@ from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.spec_sections import ADAPTER_METHODS, size_bytes
 from tasks.contracts.stage_infos import RankSummary
 from tasks.contracts.worker_configs import TrainJob
-from tasks.contracts.worker_events import Checkpointed, Note, RanOutOfMemory, Resumed, StepLogged, TrainingStarted
+from tasks.contracts.worker_events import (
+    Checkpointed,
+    Note,
+    RanOutOfMemory,
+    Resumed,
+    StepLogged,
+    TrainingMetrics,
+    TrainingStarted,
+)
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -206,11 +215,7 @@ class TrainingLoop:
         self.step, self.history = 0, []
         self.examples_here = 0  # this process's real examples (for the per-rank summary)
         self.loop_tokens = 0  # every process's real tokens, padding not counted
-        self.kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))  # fault injection, for tests
-        self.kill_rank = int(os.environ.get("TUNEFACTORY_FAULT_KILL_RANK", "0"))
-        # a micro-batch of more than OOM_ROWS examples at step OOM_AT_STEP runs out of memory, for tests
-        self.oom_at = int(os.environ.get("TUNEFACTORY_FAULT_OOM_AT_STEP", "0"))
-        self.oom_rows = int(os.environ.get("TUNEFACTORY_FAULT_OOM_ROWS", "0"))
+        self.faults = Faults.from_environment()  # for tests
 
     def _load_data(self) -> None:
         from datasets import load_from_disk
@@ -343,7 +348,8 @@ class TrainingLoop:
                 self.scheduler.step()
             if self.step % config.save_steps == 0 and self.step < self.total_steps:
                 self.checkpoint()
-            if self.kill_at and self.step == self.kill_at and self.rank == self.kill_rank:
+            faults = self.faults
+            if faults.kill_at_step and self.step == faults.kill_at_step and self.rank == faults.kill_rank:
                 os.kill(os.getpid(), 9)  # fault injection for the crash-resume tests
         progress.close()
         self.loop_seconds = time.time() - self.loop_start
@@ -371,8 +377,8 @@ class TrainingLoop:
         weight = 1.0 if mine else 0.0
         mine = mine or batch[:1]
         self.examples_here += len(mine) if weight else 0
-        if self.step + 1 == self.oom_at and len(mine) > self.oom_rows:
-            raise torch.OutOfMemoryError(f"fault injection: {len(mine)} examples at step {self.oom_at}")
+        if self.step + 1 == self.faults.oom_at_step and len(mine) > self.faults.oom_rows:
+            raise torch.OutOfMemoryError(f"fault injection: {len(mine)} examples at step {self.faults.oom_at_step}")
         seqs, labs = [self.sequences[i] for i in mine], [self.labels[i] for i in mine]
         if self.packing:
             ids, positions, target = packed_batch(seqs, labs, self.config.cutoff_len, self.config.pad_token_id,
@@ -440,13 +446,13 @@ class TrainingLoop:
         ranks = self._gather_ranks() if self.world > 1 else None
         if self.rank > 0:
             return  # only the first process writes outputs and reports
-        metrics = {
-            "train_tokens": self.loop_tokens,
-            "train_loop_seconds": round(self.loop_seconds, 2),
-            "train_tokens_per_second": round(self.loop_tokens / max(self.loop_seconds, 1e-9), 1),
-            "peak_memory_mb": round(peak_memory_mb(self.setup.device), 1),
-            "world_size": self.world,
-        }
+        metrics = TrainingMetrics(
+            train_tokens=self.loop_tokens,
+            train_loop_seconds=round(self.loop_seconds, 2),
+            train_tokens_per_second=round(self.loop_tokens / max(self.loop_seconds, 1e-9), 1),
+            peak_memory_mb=round(peak_memory_mb(self.setup.device), 1),
+            world_size=self.world,
+        )
         finish_training(self.config, self.history, self.step, metrics, ranks=ranks)
 
     def _gather_ranks(self) -> list[RankSummary]:

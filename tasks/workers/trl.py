@@ -27,13 +27,14 @@ from typing import Any
 
 import torch
 
+from tasks.components.fault_injection import Faults
 from tasks.components.finetuning_methods import quantized_modules, trainable_model
 from tasks.components.modeling import compute_setup, load_model
 from tasks.components.training_outputs import CHECKPOINTS, finish_training, newest_complete_checkpoint
 from tasks.contracts.child_process import WorkerError, emit, worker_entry
 from tasks.contracts.spec_sections import ADAPTER_METHODS
 from tasks.contracts.worker_configs import TrainJob
-from tasks.contracts.worker_events import Checkpointed, Resumed, StepLogged, TrainingStarted
+from tasks.contracts.worker_events import Checkpointed, Resumed, StepLogged, TrainingMetrics, TrainingStarted
 from tasks.dataset.jsonl import read_jsonl, write_jsonl
 
 
@@ -180,9 +181,9 @@ def event_callback(history: list[dict[str, Any]], start: dict[str, Any], resumed
     """
     from transformers import TrainerCallback
 
-    kill_at = int(os.environ.get("TUNEFACTORY_FAULT_KILL_AT_STEP", "0"))
-    # fault injection: die inside the save of this step, before it is complete (first attempt only)
-    kill_in_save = 0 if resumed else int(os.environ.get("TUNEFACTORY_FAULT_KILL_IN_SAVE_AT_STEP", "0"))
+    faults = Faults.from_environment()  # for tests
+    kill_at = faults.kill_at_step
+    kill_in_save = 0 if resumed else faults.kill_in_save_at_step  # the first attempt only
 
     class Events(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
@@ -250,12 +251,12 @@ def train(config: TrainJob) -> None:
     trained = trainer.model
     weights = out / ("adapter" if method in ADAPTER_METHODS else "model")
     trained.save_pretrained(weights, safe_serialization=True)
-    metrics: dict[str, float] = {}
+    metrics = TrainingMetrics()
     if stage == "rm":
-        accuracy = pairwise_accuracy(trained, tokenizer, val_set, setup.device)
-        if accuracy is not None:
-            metrics["val_pairwise_accuracy"] = accuracy
-        metrics["train_pairwise_accuracy"] = pairwise_accuracy(trained, tokenizer, train_set, setup.device)
+        metrics = TrainingMetrics(
+            val_pairwise_accuracy=pairwise_accuracy(trained, tokenizer, val_set, setup.device),
+            train_pairwise_accuracy=pairwise_accuracy(trained, tokenizer, train_set, setup.device),
+        )
         merged = trained.merge_and_unload() if method in ADAPTER_METHODS else trained
         merged.save_pretrained(out / "reward_model", safe_serialization=True)
         tokenizer.save_pretrained(out / "reward_model")
