@@ -254,6 +254,8 @@ class DeepSpeedEngine(Engine):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if setup.device.type == "cuda" else "cpu")
         import deepspeed
 
+        if setup.device.type == "cpu":
+            skip_shared_memory_all_reduce()
         self.settings = deepspeed_settings(self.config, setup, self.world)
         self.stage = self.settings.get("zero_optimization", {}).get("stage", 0)
         self.replicated = self.stage < 3
@@ -296,6 +298,21 @@ class DeepSpeedEngine(Engine):
         with whole:
             if rank == 0:
                 save_weights(self.model, directory, self.config.finetuning_type)
+
+
+def skip_shared_memory_all_reduce() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce on a CPU.
+
+    On its CPU accelerator DeepSpeed builds that op (C++, with the machine's compiler: about two
+    minutes on 2 cores, once per machine) when it sets up communication, but only tensor-parallel
+    inference calls it; ZeRO's collectives go through torch.distributed (gloo) either way. Its
+    list of compatible ops is read for nothing else, so it is set before DeepSpeed first reads it
+    (which also skips probing every other op with the compiler).
+    """
+    import deepspeed.ops
+
+    if "__compatible_ops__" not in vars(deepspeed.ops):  # not probed yet: nothing built from it
+        deepspeed.ops.__compatible_ops__ = {"deepspeed_shm_comm": False}
 
 
 ENGINES = {"ddp": Engine, "fsdp": FsdpEngine, "deepspeed": DeepSpeedEngine}

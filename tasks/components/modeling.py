@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def load_model(
     """A model directory with `adapters` applied in order; all but the last merged (all, with merge_all)."""
     import transformers
 
+    skip_unused_deepspeed_check()  # every worker that saves a model loads it here first
+
     auto = getattr(transformers, model_class)
     model = auto.from_pretrained(model_path, dtype=dtype, trust_remote_code=trust_remote_code, **model_kwargs)
     stack = [adapters] if isinstance(adapters, str | Path) else list(adapters or [])
@@ -85,6 +88,20 @@ def load_model(
     if "quantization_config" in model_kwargs:  # bitsandbytes placed it already (device_map)
         return model
     return model.to(device)
+
+
+def skip_unused_deepspeed_check() -> None:
+    """Keep `save_pretrained` from importing DeepSpeed in a process that never used it.
+
+    accelerate unwraps a model before it is saved, and where DeepSpeed is installed it imports
+    DeepSpeed (3 to 4 s on a CPU) to ask whether the model is a DeepSpeed engine. A model can be
+    one only if DeepSpeed was imported already, so the question is asked only then; a DeepSpeed run
+    (tasks/components/distributed_engines.py) imports it first and is unwrapped as before.
+    """
+    import accelerate.utils.other
+
+    if hasattr(accelerate.utils.other, "is_deepspeed_available"):
+        accelerate.utils.other.is_deepspeed_available = lambda: "deepspeed" in sys.modules
 
 
 def causal_lm(model: torch.nn.Module) -> torch.nn.Module:

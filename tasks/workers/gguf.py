@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from tasks.components.gguf_check import alone
+from tasks.components.modeling import skip_unused_deepspeed_check
 from tasks.contracts.child_process import WorkerError, worker_entry
 from tasks.contracts.gguf_file import read_gguf_header
 from tasks.contracts.packaged_models import ModelSourceError
@@ -83,6 +84,7 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    skip_unused_deepspeed_check()
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
 
