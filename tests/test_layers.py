@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -271,3 +272,22 @@ def test_an_event_that_is_not_in_the_contract_is_refused_naming_its_field():
     with pytest.raises(WorkerError, match=r"does not match any of the expected tags"):
         read_event(EVENT_PREFIX + json.dumps({"type": "finished"}), "w")
     assert TrainingDone(step=1, final_loss=2.0, metrics={}).ranks is None
+
+
+def test_saving_a_model_imports_no_deepspeed_unless_the_process_used_it(tmp_path):
+    """accelerate unwraps every model `save_pretrained` writes, importing DeepSpeed (3-4 s) where it is
+    installed; a worker that loaded its model through `load_model` skips that, and a DeepSpeed run,
+    which imported it first, is still unwrapped as a DeepSpeed engine."""
+    script = (
+        "import sys, torch, accelerate.utils.other as other\n"
+        "from tasks.components.modeling import skip_unused_deepspeed_check\n"
+        "skip_unused_deepspeed_check()\n"
+        "other.extract_model_from_parallel(torch.nn.Linear(2, 2))\n"
+        "print('deepspeed' in sys.modules, other.is_deepspeed_available())\n"
+        "import deepspeed\n"
+        "print(other.is_deepspeed_available())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False", "True"]
