@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
+from tasks.contracts import preloaded_launch
 from tasks.contracts.worker_events import Event, Failed, Note, WorkerEvent
 
 EVENT_PREFIX = "@@tunefactory "
@@ -126,7 +127,7 @@ def die_with_launcher() -> None:
         os._exit(1)
 
 
-def _stop(process: subprocess.Popen[str]) -> None:
+def _stop(process: subprocess.Popen[str] | preloaded_launch.PreloadedWorker) -> None:
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
         if process.poll() is not None:
             return
@@ -161,8 +162,10 @@ def run_worker(
     launcher = [sys.executable]
     if torchrun:
         launcher += ["-m", "torch.distributed.run", *torchrun]
+    # torchrun starts its ranks itself; a job without its config here, or one that quantizes, starts cold
+    preloadable = not torchrun and config is not None and not needs_bitsandbytes(config)
     with model_compute():
-        return _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output)
+        return _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output, preloadable)
 
 
 def final(events: list[WorkerEvent], kind: type[EventKind]) -> EventKind:
@@ -178,15 +181,17 @@ def _run(
     module: str,
     on_event: Callable[[WorkerEvent], None] | None,
     on_output: Callable[[str], None],
+    preloadable: bool = False,
 ) -> list[WorkerEvent]:
-    process = subprocess.Popen(
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = (preloaded_launch.launch(command, module, env) if preloadable else None) or subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         text=True,
         bufsize=1,
         start_new_session=True,  # its own process group, so a stop reaches its children too
         preexec_fn=die_with_parent,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env=env,
     )
     error, events, kills_before = None, [], oom_kills()
     try:
@@ -222,6 +227,11 @@ def _run(
     return events
 
 
+def needs_bitsandbytes(config: object) -> bool:
+    """Whether a worker config's job quantizes (a qlora stage, or the export of a qlora adapter)."""
+    return getattr(config, "finetuning_type", None) == "qlora" or getattr(config, "quantized_base", None) is not None
+
+
 def hide_bitsandbytes() -> None:
     """Make `import bitsandbytes` fail in this process, as if it were not installed.
 
@@ -252,7 +262,7 @@ def worker_entry(main: Callable[[Any], None], config_type: object) -> None:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}" for e in exc.errors())
         emit(Failed(message=f"{path}: not the config this worker reads ({problems})"))
         sys.exit(2)
-    if getattr(config, "finetuning_type", None) != "qlora" and getattr(config, "quantized_base", None) is None:
+    if not needs_bitsandbytes(config):
         hide_bitsandbytes()
     try:
         main(config)

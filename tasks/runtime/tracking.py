@@ -30,6 +30,7 @@ from pydantic import BaseModel
 from tasks.runtime import local_servers
 from tasks.runtime.locks import file_lock
 from tasks.runtime.redaction import redact_uri
+from tasks.runtime.store_template import seed_store
 
 PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND = "mlflow.experimentKind"
@@ -190,6 +191,7 @@ def start_pipeline_run(experiment: str, workspace: Path, spec: dict[str, Any], t
     def open_experiment() -> tuple[MlflowClient, str]:
         # the first client of a workspace creates the SQLite schema; two doing it at once collide
         with file_lock(workspace / ".mlflow.lock"):
+            seed_store(uri)
             client = MlflowClient(tracking_uri=uri)
             return client, _experiment_id(client, experiment, workspace)
 

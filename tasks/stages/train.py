@@ -154,13 +154,13 @@ class TrainingEvents:
 def _launch(config: TrainSpec, worker: TrainJob, out: Path, events: TrainingEvents, workspace: Path) -> TrainingDone:
     """Write the worker's config and run it (announced to the other nodes first, with several); its end."""
     config_path = out / "train_config.json"
-    config_path.write_text(worker.model_dump_json(indent=2))
     if config.nnodes > 1:  # what `tunefactory train-node` waits for, announced once its config is whole
+        config_path.write_text(worker.model_dump_json(indent=2))
         announce_training(workspace, config_path, config.num_processes, config.nnodes, config.rendezvous)
         events.logger.info("waiting for %d more nodes to join at %s", config.nnodes - 1, config.rendezvous)
     sent = run_worker(
         "tasks.workers.train" if config.stage in OWN_LOOP_STAGES else "tasks.workers.trl",
-        None,  # written above
+        worker,
         config_path,
         events,
         on_output=events.logger.info,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -34,6 +35,7 @@ from typing import Any
 
 import yaml
 
+from tasks.contracts import preloaded_launch
 from tasks.contracts.child_process import emit, final, run_worker, worker_entry
 from tasks.contracts.spec_sections import DatasetSpec, EvaluateSpec, ModelSpec, TokenizeSpec, TrainSpec
 from tasks.contracts.worker_configs import BenchTrlJob, TrainJob, Weights
@@ -356,6 +358,8 @@ def main() -> None:
     parser.add_argument("--case", nargs="+", choices=["cpu", *SHAPES], help="default: cpu, or both GPU cases")
     parser.add_argument("--epochs", type=float, help="train this many epochs instead of the case's (a quick look)")
     args = parser.parse_args()
+    # both sides' workers start cold, as a TRL script does: wall times compare training, not launching
+    os.environ[preloaded_launch.SWITCH] = "0"
     import torch
 
     cases = args.case or (list(SHAPES) if torch.cuda.is_available() else ["cpu"])

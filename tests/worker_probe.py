@@ -1,0 +1,48 @@
+"""A stand-in worker for tests/test_preloaded_workers.py: `python -m worker_probe CONFIG` reports, as a
+Note event, what it was started with (command line, folder, environment, affinity, process group,
+whether torch was already imported), then does what CONFIG's `then` says: exit with a code, raise,
+or sleep until it is killed."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from pydantic import BaseModel
+
+
+class ProbeJob(BaseModel):
+    then: str = "exit 0"  # "exit N", "raise" or "sleep"
+    finetuning_type: str | None = None  # "qlora": a job that needs bitsandbytes, as a training job's config says
+
+
+def facts() -> dict:
+    return {
+        "argv": sys.argv[1:],
+        "cmdline": Path("/proc/self/cmdline").read_bytes().decode().replace("\0", " ").strip(),
+        "cwd": os.getcwd(),
+        "probe_variable": os.environ.get("TUNEFACTORY_PROBE"),
+        "affinity": sorted(os.sched_getaffinity(0)),
+        "leads_its_session": os.getsid(0) == os.getpid() == os.getpgid(0),
+        "stdin": sys.stdin.read(),
+        "torch_preloaded": "torch" in sys.modules,
+        "pid": os.getpid(),
+        "parent": os.getppid(),
+    }
+
+
+if __name__ == "__main__":
+    started = facts()  # before the imports below, which load no torch
+    from tasks.contracts.child_process import emit
+    from tasks.contracts.worker_events import Note
+
+    job = ProbeJob.model_validate_json(Path(sys.argv[1]).read_bytes())
+    emit(Note(message=json.dumps(started)))
+    if job.then.startswith("exit"):
+        sys.exit(int(job.then.split()[1]))
+    if job.then == "raise":
+        raise RuntimeError("the probe failed as asked")
+    time.sleep(600)
