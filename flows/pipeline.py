@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 
 from flows.results import PipelineResult
 from flows.spec import PipelineSpec, PlannedStage, StageRetry
+from tasks.contracts.child_process import start_preloading
 from tasks.contracts.manifest import Manifest
 from tasks.contracts.spec_sections import STAGE_DATA
 from tasks.contracts.stage_infos import ModelInfo
@@ -45,6 +46,7 @@ def retrying(stage: Task, retry: StageRetry) -> Task:
 def stage_context(spec: PipelineSpec, labels: dict[str, str] | None) -> Iterator[StageContext]:
     """Where the stages work, inside the pipeline's MLflow parent run (tagged with the Prefect flow
     run and the spec), which closes as finished or failed with the block."""
+    start_preloading()  # the workers' libraries load while the run is set up and the data stages run
     workspace = Path(spec.workspace).resolve()
     tags = {
         "prefect_flow_run_id": str(flow_run.id),

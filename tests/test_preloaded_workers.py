@@ -16,7 +16,7 @@ import pytest
 from worker_probe import ProbeJob
 
 from tasks.contracts import preloaded_launch
-from tasks.contracts.child_process import WorkerError, run_worker
+from tasks.contracts.child_process import WorkerError, run_worker, worker_environment
 
 TESTS = Path(__file__).parent
 READY_SECONDS = 180  # the parent's imports, on one busy core
@@ -28,7 +28,7 @@ def probe_env(monkeypatch) -> dict[str, str]:
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS.parent), str(TESTS)]))
     monkeypatch.delenv(preloaded_launch.SWITCH, raising=False)
     monkeypatch.setenv("TUNEFACTORY_PROBE", "set late")
-    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return worker_environment()
 
 
 def probe(tmp_path: Path, then: str = "exit 0", config=None) -> tuple[dict, str | None]:
@@ -105,10 +105,9 @@ FLOW_THAT_LAUNCHES_A_SLEEPER = """
 import os, sys
 from pathlib import Path
 from tasks.contracts import preloaded_launch
-from tasks.contracts.child_process import run_worker
+from tasks.contracts.child_process import run_worker, worker_environment
 from worker_probe import ProbeJob
-env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-assert preloaded_launch.wait_until_ready(env, float(sys.argv[2]))
+assert preloaded_launch.wait_until_ready(worker_environment(), float(sys.argv[2]))
 run_worker("worker_probe", ProbeJob(then="sleep"), Path(sys.argv[1]), on_output=print)
 """
 

@@ -12,9 +12,17 @@ from mlflow.tracking import MlflowClient
 from tasks.runtime.store_template import seed_store
 
 
+def clauses(sql: str | None) -> frozenset[str]:
+    """A statement's lines without their order: alembic's table rebuilds list a table's constraints in
+    an order that differs between two builds by the same MLflow."""
+    return frozenset(line.strip().rstrip(",").strip() for line in (sql or "").splitlines())
+
+
 def contents(store: Path) -> tuple[set, list, list]:
     with contextlib.closing(sqlite3.connect(store)) as db:
-        schema = set(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall())
+        schema = {
+            (kind, name, clauses(sql)) for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")
+        }
         migration = db.execute("SELECT version_num FROM alembic_version").fetchall()
         experiments = db.execute("SELECT experiment_id, name, artifact_location, lifecycle_stage FROM experiments")
         return schema, migration, experiments.fetchall()

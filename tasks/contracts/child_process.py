@@ -141,6 +141,17 @@ def _stop(process: subprocess.Popen[str] | preloaded_launch.PreloadedWorker) -> 
             continue
 
 
+def worker_environment() -> dict[str, str]:
+    """The environment a worker starts with: this process's, its output unbuffered (lines arrive as printed)."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def start_preloading() -> None:
+    """Start the preloaded parent of the workers now (tasks/contracts/preloaded_launch.py), so that its
+    imports are done by the first stage that computes; nothing where workers start cold anyway."""
+    preloaded_launch.warm_up(worker_environment())
+
+
 def run_worker(
     module: str,
     config: BaseModel | None,
@@ -183,7 +194,7 @@ def _run(
     on_output: Callable[[str], None],
     preloadable: bool = False,
 ) -> list[WorkerEvent]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = worker_environment()
     process = (preloaded_launch.launch(command, module, env) if preloadable else None) or subprocess.Popen(
         command,
         stdout=subprocess.PIPE,

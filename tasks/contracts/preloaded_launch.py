@@ -181,6 +181,13 @@ def launch(command: list[str], module: str, env: dict[str, str]) -> PreloadedWor
     return parent.start(command, module, env)
 
 
+def warm_up(env: dict[str, str]) -> None:
+    """Start the parent for `env` now if there is none, without waiting for it."""
+    if preloading_allowed(env):
+        with _lock:
+            _current_parent(env)
+
+
 def wait_until_ready(env: dict[str, str], timeout: float) -> bool:
     """Start the parent for `env` if there is none and wait for it, where waiting beats starting cold."""
     if not preloading_allowed(env):
