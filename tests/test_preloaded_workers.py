@@ -87,7 +87,11 @@ def test_a_forked_worker_ends_with_the_status_a_cold_one_would(probe_env, tmp_pa
 KILL_THE_PROBE = """
 import os, signal, sys, time
 from pathlib import Path
-for _ in range(600):
+asleep = Path(sys.argv[1]).with_suffix(".asleep")
+for _ in range(3000):
+    if not asleep.exists():
+        time.sleep(0.1)
+        continue
     for proc in Path("/proc").iterdir():
         try:
             pid = int(proc.name) if proc.name.isdigit() else os.getpid()

@@ -45,4 +45,5 @@ if __name__ == "__main__":
         sys.exit(int(job.then.split()[1]))
     if job.then == "raise":
         raise RuntimeError("the probe failed as asked")
+    Path(sys.argv[1]).with_suffix(".asleep").touch()  # reported, and asleep: what a test may kill it after
     time.sleep(600)

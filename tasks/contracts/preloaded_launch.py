@@ -2,12 +2,13 @@
 
 A worker's first 8-12 s on a small CPU are its imports (torch, transformers, peft, datasets),
 paid again by every stage of every run. The flow process therefore starts one preloaded parent
-the first time it launches a worker, and launches each later worker from it once it is ready:
+when a pipeline run opens (or at its first worker, outside a pipeline), and launches each worker
+from it once it is ready:
 the same module, config, environment, working folder, CPU affinity, process group and exit
 status as `python -m`, without the imports. The flow process still imports no torch.
 
 Where forking would not be the same process, the worker is started cold, as before:
-- before the parent is ready (the first worker of a flow process starts it);
+- before the parent is ready (about 10 s of imports on a small CPU);
 - a qlora job, which needs bitsandbytes, which the parent leaves out (its import sets up kernels
   that only a 4-bit model uses);
 - a launch through torchrun, whose ranks are started by torchrun itself;
@@ -51,7 +52,12 @@ def import_environment(env: dict[str, str]) -> frozenset[tuple[str, str]]:
 
 
 def preloading_allowed(env: dict[str, str]) -> bool:
-    return env.get(SWITCH, "1") != "0" and not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
+    """Linux (descriptors passed over a Unix socket, PR_SET_PDEATHSIG), no accelerator, not switched off."""
+    return (
+        sys.platform.startswith("linux")
+        and env.get(SWITCH, "1") != "0"
+        and not any(glob.glob(pattern) for pattern in ACCELERATOR_DEVICES)
+    )
 
 
 class PreloadedWorker:
@@ -157,7 +163,10 @@ class PreloadedParent:
             self.running -= 1
 
     def close(self) -> None:
-        """Stop it (its workers with it): the end of its socket is the end of its life."""
+        """Stop it (its workers with it): the end of its socket is the end of its life. Shut down before
+        closed, which alone would neither wake the thread reading it nor tell the parent."""
+        with contextlib.suppress(OSError):
+            self._control.shutdown(socket.SHUT_RDWR)
         self._control.close()
 
 
