@@ -43,7 +43,7 @@ def probe(tmp_path: Path, then: str = "exit 0", config=None) -> tuple[dict, str 
 
 
 def preloaded_probe(tmp_path: Path, env: dict[str, str], then: str = "exit 0") -> tuple[dict, str | None]:
-    assert preloaded_launch.wait_until_ready(env, READY_SECONDS), "the preloaded parent never became ready"
+    assert preloaded_launch.warm_up(env, READY_SECONDS), "the preloaded parent never became ready"
     return probe(tmp_path, then)
 
 
@@ -111,7 +111,7 @@ from pathlib import Path
 from tasks.contracts import preloaded_launch
 from tasks.contracts.child_process import run_worker, worker_environment
 from worker_probe import ProbeJob
-assert preloaded_launch.wait_until_ready(worker_environment(), float(sys.argv[2]))
+assert preloaded_launch.warm_up(worker_environment(), float(sys.argv[2]))
 run_worker("worker_probe", ProbeJob(then="sleep"), Path(sys.argv[1]), on_output=print)
 """
 
@@ -144,7 +144,7 @@ def test_kill_9_of_the_flow_process_takes_the_parent_and_its_workers_with_it(pro
 
 
 def test_jobs_that_need_a_process_of_their_own_start_cold(probe_env, tmp_path, monkeypatch):
-    assert preloaded_launch.wait_until_ready(probe_env, READY_SECONDS)
+    assert preloaded_launch.warm_up(probe_env, READY_SECONDS)
     facts, _ = probe(tmp_path, config=ProbeJob(finetuning_type="qlora"))
     assert not facts["torch_preloaded"], "qlora needs bitsandbytes, which the parent leaves out"
     facts, _ = probe(tmp_path)

@@ -190,20 +190,14 @@ def launch(command: list[str], module: str, env: dict[str, str]) -> PreloadedWor
     return parent.start(command, module, env)
 
 
-def warm_up(env: dict[str, str]) -> None:
-    """Start the parent for `env` now if there is none, without waiting for it."""
-    if preloading_allowed(env):
-        with _lock:
-            _current_parent(env)
-
-
-def wait_until_ready(env: dict[str, str], timeout: float) -> bool:
-    """Start the parent for `env` if there is none and wait for it, where waiting beats starting cold."""
+def warm_up(env: dict[str, str], wait: float = 0.0) -> bool:
+    """Start the parent for `env` now if there is none; whether it is ready within `wait` seconds
+    (0: do not wait; a caller that would rather wait than start its worker cold gives a time)."""
     if not preloading_allowed(env):
         return False
     with _lock:
         parent = _current_parent(env)
-    return parent is not None and parent.ready.wait(timeout)
+    return parent is not None and parent.ready.wait(wait)
 
 
 def _current_parent(env: dict[str, str]) -> PreloadedParent | None:

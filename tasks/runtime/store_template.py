@@ -36,12 +36,14 @@ def template() -> Path | None:
     path = user_cache() / "mlflow-stores" / f"mlflow-{version('mlflow')}-sqlalchemy-{version('sqlalchemy')}.db"
     if path.is_file():
         return path
+    building = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        building = path.with_name(f".{path.name}.{os.getpid()}")
         MlflowClient(tracking_uri=SQLITE + str(building)).search_experiments()
         os.replace(building, path)  # whole or not at all; two builders at once each replace it with a whole one
-    except OSError:
+    except Exception:  # noqa: BLE001 (a folder it cannot write, as SQLAlchemy's error or the OS's: build in place)
+        with contextlib.suppress(OSError):
+            building.unlink(missing_ok=True)
         return None
     return path
 
