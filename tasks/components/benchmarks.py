@@ -173,14 +173,16 @@ def quiet_lm_eval():
 
 
 def run_benchmarks(model, tokenizer, job: BenchmarkJob) -> dict[str, float]:
-    """Score a loaded model on the job's benchmarks: each metric with its sample size and stderr."""
+    """Score a loaded model on the job's benchmarks: each metric with its sample size and stderr.
+    lm-eval runs them, each question's shared context computed once (tasks/components/shared_prompt_lm.py)."""
     import lm_eval
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
+
+    from tasks.components.shared_prompt_lm import SharedPromptLM
 
     tasks = [task_config(t.name, t.file) if t.file else t.name for t in job.tasks]
     with quiet_lm_eval():
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=job.batch_size)
+        lm = SharedPromptLM(pretrained=model, tokenizer=tokenizer, batch_size=job.batch_size)
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=tasks,
