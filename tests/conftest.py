@@ -12,6 +12,9 @@ from shared_inputs import llamafactory_data_or_fail_in_ci
 from tiny_pipeline import build_tiny_llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `compute_type: auto` stays fp32 on every CI machine, also one with bf16 arithmetic: the tests compare
+# losses and logits at fp32 tolerances (the demo test runs with the real detection)
+os.environ["TUNEFACTORY_CPU_BF16"] = "0"
 
 
 @pytest.fixture(scope="session")

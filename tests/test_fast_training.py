@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tasks.components.chat_encoding import tokenize_examples
-from tasks.components.modeling import IGNORE_INDEX, load_model, pad_batch, supervised_loss
+from tasks.components.modeling import IGNORE_INDEX, ComputeSetup, compute_setup, load_model, pad_batch, supervised_loss
 from tasks.components.packing import pack_rows, packed_batch, padded_batch
 from tasks.contracts.spec_sections import TrainSpec
 from tasks.contracts.worker_configs import TrainJob, Weights
@@ -126,9 +126,8 @@ def fp32_losses(tiny_model: Path, tokenizer, tmp_path_factory: pytest.TempPathFa
 # each setting the GPU path takes by default, set explicitly on CPU: what it changes, what the
 # worker says it used, and how far its loss curve may stray from the fp32 run's (measured gap in
 # the comment; the tolerance leaves room for other CPUs)
+# (bf16: test_auto_on_a_cpu_with_bf16_trains_in_bf16_and_says_so)
 GPU_PATH_SETTINGS = {
-    # bf16 autocast and the frozen base held in bf16 under LoRA: 4.0e-5 measured
-    "bf16": ({"compute_type": "bf16"}, {"compute_type": "bf16", "frozen_dtype": "bfloat16"}, 1e-3),
     # inductor's kernels; below the 5 decimals the loss history keeps, measured
     "compiled-layers": ({"torch_compile": True}, {"torch_compile": True}, 1e-4),
     "fused-adamw": ({"fused_optimizer": True}, {"fused_optimizer": True}, 1e-5),
@@ -152,6 +151,38 @@ def test_a_gpu_path_setting_runs_on_cpu_learns_and_matches_fp32(
     gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(fp32_losses, losses, strict=True)]
     print(f"{setting}: largest relative gap to fp32 {max(gaps):.2e}")
     assert max(gaps) <= tolerance, f"{setting}: loss strays {max(gaps):.2e} from fp32 (allowed {tolerance:.0e})"
+
+
+def test_compute_type_auto_is_bf16_where_the_cpu_computes_it_and_a_gpu_keeps_its_own(monkeypatch):
+    monkeypatch.delenv("TUNEFACTORY_CPU_BF16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for avx512_bf16, amx, expected in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert compute_setup("auto").name == expected
+        assert compute_setup("fp32") == ComputeSetup(torch.device("cpu"), None, "fp32"), "the spec can always say"
+    monkeypatch.setenv("TUNEFACTORY_CPU_BF16", "0")  # the detection forced off, on a CPU with bf16
+    assert compute_setup("auto") == ComputeSetup(torch.device("cpu"), None, "fp32")
+    monkeypatch.setenv("TUNEFACTORY_CPU_BF16", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported, expected in ((True, torch.bfloat16), (False, torch.float16)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda v=supported: v)
+        assert compute_setup("auto").autocast_dtype == expected
+
+
+def test_auto_on_a_cpu_with_bf16_trains_in_bf16_and_says_so(monkeypatch, fp32_losses, tiny_model: Path, tokenizer,
+                                                              tmp_path: Path, capsys):  # fmt: skip
+    """bf16 autocast and the frozen base held in bf16 under LoRA, as `auto` resolves on a CPU with bf16
+    arithmetic (4.0e-5 measured from the fp32 loss curve; allowed 1e-3)."""
+    monkeypatch.setenv("TUNEFACTORY_CPU_BF16", "1")  # as the detection answers on AVX512-BF16 or AMX
+    capsys.readouterr()
+    losses = run_train_worker(tiny_model, tokenizer, tmp_path, compute_type="auto", packing=False)
+    events = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines() if "@@" in line]
+    (start,) = [e for e in events if e["type"] == "start"]
+    assert (start["compute_type"], start["frozen_dtype"]) == ("bf16", "bfloat16"), "logged as resolved_compute_type"
+    gaps = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(fp32_losses, losses, strict=True)]
+    print(f"bf16: largest relative gap to fp32 {max(gaps):.2e}")
+    assert max(gaps) <= 1e-3, f"bf16: loss strays {max(gaps):.2e} from fp32"
 
 
 @pytest.mark.gpu

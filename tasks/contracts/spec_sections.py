@@ -305,7 +305,9 @@ class TrainSpec(Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps spent warming up.")
     lr_scheduler: str = Field("cosine", description="Learning-rate schedule: " + ", ".join(LR_SCHEDULERS) + ".")
     compute_type: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="auto: bf16 on a CUDA GPU that supports it, fp32 otherwise."
+        "auto",
+        description="auto: bf16 on a CUDA GPU that supports it (fp16 on an older one), bf16 on a CPU with "
+        "bf16 arithmetic (AVX512-BF16 or AMX), fp32 otherwise; the run records what it used.",
     )
     packing: bool | None = Field(
         None,
