@@ -141,9 +141,13 @@ def test_a_wrong_merge_is_caught_and_nothing_is_exported(first_run, monkeypatch:
     assert models.resolve() == (exported / "model").resolve()
 
 
-def test_the_exported_gguf_is_a_base_model_of_the_next_flow(first_run, tmp_path: Path):
-    """The round trip: what export.formats gguf wrote is accepted as model.name_or_path again."""
+def test_the_exported_gguf_is_a_base_model_of_the_next_flow_converted_once_per_machine(
+    first_run, tmp_path: Path, monkeypatch
+):
+    """The round trip: what export.formats gguf wrote is accepted as model.name_or_path again; a second
+    workspace takes its conversion from the machine's cache (TUNEFACTORY_CACHE) instead of converting."""
     spec, first = first_run
+    monkeypatch.setenv("TUNEFACTORY_CACHE", str(tmp_path / "cache"))
     gguf = Path(first.stages["export"].output_dir) / "model" / "tiny-test-q8_0.gguf"
     cheaper = {"train": {"num_epochs": 1}, "evaluate": {"compare_base": False, "control_prompts": None}}
     again = tiny_spec(gguf, tmp_path / "workspace", cheaper)
@@ -156,6 +160,17 @@ def test_the_exported_gguf_is_a_base_model_of_the_next_flow(first_run, tmp_path:
     assert result.stages["train"].metrics["steps"] > 0 and "export" in result.stages
     lineage = json.loads((Path(result.stages["export"].output_dir) / "model" / "lineage.json").read_text())
     assert lineage["base_model"] == str(gguf)
+    assert (Path(model.output_dir) / "convert_config.json").is_file(), "converted by the worker"
+    (kept,) = (tmp_path / "cache" / "converted-models").glob(f"{model.info['source_digest']}-*")
+    assert sorted(json.loads((kept / ".digests.json").read_text())) == sorted(p.name for p in converted.iterdir())
+
+    other = finetune(tiny_spec(gguf, tmp_path / "other-workspace", cheaper))
+    reused = other.stages["model"]
+    assert not reused.reused and reused.info["source_digest"] == model.info["source_digest"]
+    assert not (Path(reused.output_dir) / "convert_config.json").exists(), "no conversion worker ran"
+    weights = Path(reused.output_dir) / reused.info["model_path"] / "model.safetensors"
+    assert weights.samefile(kept / "model.safetensors"), "linked from the cache, not a second copy"
+    assert other.stages["train"].metrics["final_loss"] == pytest.approx(result.stages["train"].metrics["final_loss"])
 
 
 def test_the_registered_version_loads_as_an_mlflow_model_and_answers(first_run):

@@ -2,10 +2,10 @@
 
 MLflow builds its schema in a new SQLite file by running every one of its migrations: about 3 s on
 a small CPU, in every new workspace. The result depends only on the MLflow and SQLAlchemy
-versions, so it is built once per machine, in the user's cache folder (TUNEFACTORY_CACHE, else
-$XDG_CACHE_HOME/tunefactory, else ~/.cache/tunefactory), and copied. The copy is the store MLflow
-would have made, down to its Default experiment's artifact folder, which MLflow derives from the
-working folder of the process that first opens the store.
+versions, so it is built once per machine, in the user's cache folder
+(tasks/runtime/user_cache.py), and copied. The copy is the store MLflow would have made, down to
+its Default experiment's artifact folder, which MLflow derives from the working folder of the
+process that first opens the store.
 """
 
 from __future__ import annotations
@@ -20,14 +20,9 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from tasks.runtime.user_cache import user_cache
+
 SQLITE = "sqlite:///"
-
-
-def user_cache() -> Path:
-    """Where tunefactory keeps what one machine computes once and every workspace reuses."""
-    if os.environ.get("TUNEFACTORY_CACHE"):
-        return Path(os.environ["TUNEFACTORY_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tunefactory"
 
 
 def template() -> Path | None:

