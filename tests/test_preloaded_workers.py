@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from worker_probe import ProbeJob
+from worker_probe import LightProbeJob, ProbeJob
 
 from tasks.contracts import preloaded_launch
 from tasks.contracts.child_process import WorkerError, run_worker, worker_environment
@@ -60,6 +60,18 @@ def test_a_forked_worker_starts_as_its_cold_launch_would_and_reports_the_same(pr
     config = str(tmp_path / "probe.json")
     assert cold["cmdline"].endswith(f"-m worker_probe {config}")
     assert forked["cmdline"] == f"{sys.executable} -m worker_probe {config}", "ps shows the worker, not the parent"
+
+
+def test_a_worker_launched_while_the_parent_imports_waits_for_it_unless_its_job_is_light(
+    probe_env, tmp_path, monkeypatch
+):
+    """Importing torch beside the parent on the same cores would slow both: the worker is forked once the
+    parent is ready. A job that loads none of it (templating) starts cold at once instead."""
+    monkeypatch.setenv("PROBE_IMPORT_ENV", str(time.time()))  # a variable imports could read: a new parent
+    light, _ = probe(tmp_path, config=LightProbeJob())
+    heavy, _ = probe(tmp_path)
+    assert not light["torch_preloaded"], "started cold while the new parent imported"
+    assert heavy["torch_preloaded"], "waited for the parent, then forked"
 
 
 @pytest.mark.parametrize(
@@ -110,7 +122,7 @@ import os, sys
 from pathlib import Path
 from tasks.contracts import preloaded_launch
 from tasks.contracts.child_process import run_worker, worker_environment
-from worker_probe import ProbeJob
+from worker_probe import LightProbeJob, ProbeJob
 assert preloaded_launch.warm_up(worker_environment(), float(sys.argv[2]))
 run_worker("worker_probe", ProbeJob(then="sleep"), Path(sys.argv[1]), on_output=print)
 """
@@ -151,8 +163,9 @@ def test_jobs_that_need_a_process_of_their_own_start_cold(probe_env, tmp_path, m
     assert facts["torch_preloaded"], "an ordinary job right after it is forked"
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))  # a library may read it at import
-    facts, _ = probe(tmp_path)
-    assert not facts["torch_preloaded"]
+    elsewhere, _ = probe(tmp_path)
+    assert elsewhere["torch_preloaded"] and elsewhere["parent"] != facts["parent"], "forked from a new parent"
+    assert elsewhere["hf_home_at_import"] == str(tmp_path / "elsewhere"), "which imported with the new value"
     monkeypatch.setenv(preloaded_launch.SWITCH, "0")
     monkeypatch.delenv("HF_HOME")
     facts, _ = probe(tmp_path)

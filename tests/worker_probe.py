@@ -10,6 +10,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import BaseModel
 
@@ -17,6 +18,12 @@ from pydantic import BaseModel
 class ProbeJob(BaseModel):
     then: str = "exit 0"  # "exit N", "raise" or "sleep"
     finetuning_type: str | None = None  # "qlora": a job that needs bitsandbytes, as a training job's config says
+
+
+class LightProbeJob(ProbeJob):
+    """A job whose worker loads none of the parent's libraries (as templating's): it never waits for the parent."""
+
+    loads_model_libraries: ClassVar[bool] = False
 
 
 def facts() -> dict:
@@ -31,6 +38,8 @@ def facts() -> dict:
         "torch_preloaded": "torch" in sys.modules,
         "pid": os.getpid(),
         "parent": os.getppid(),
+        # HF_HOME as huggingface_hub read it at its import (None: not imported yet, a cold start)
+        "hf_home_at_import": getattr(sys.modules.get("huggingface_hub.constants"), "HF_HOME", None),
     }
 
 

@@ -29,6 +29,9 @@ from tasks.contracts.worker_events import Event, Failed, Note, WorkerEvent
 
 EVENT_PREFIX = "@@tunefactory "
 PR_SET_PDEATHSIG = 1
+# how long a worker waits for a preloaded parent still importing (about 10 s on a small CPU) before it
+# starts cold; the parent started first, so waiting for it is never slower than importing beside it
+PARENT_WAIT_S = 120.0
 
 
 _compute_seconds = [0.0]
@@ -175,8 +178,9 @@ def run_worker(
         launcher += ["-m", "torch.distributed.run", *torchrun]
     # torchrun starts its ranks itself; a job without its config here, or one that quantizes, starts cold
     preloadable = not torchrun and config is not None and not needs_bitsandbytes(config)
+    wait = PARENT_WAIT_S if preloadable and getattr(config, "loads_model_libraries", True) else 0.0
     with model_compute():
-        return _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output, preloadable)
+        return _run([*launcher, "-m", module, str(config_path)], module, on_event, on_output, preloadable, wait)
 
 
 def final(events: list[WorkerEvent], kind: type[EventKind]) -> EventKind:
@@ -193,9 +197,10 @@ def _run(
     on_event: Callable[[WorkerEvent], None] | None,
     on_output: Callable[[str], None],
     preloadable: bool = False,
+    wait: float = 0.0,
 ) -> list[WorkerEvent]:
     env = worker_environment()
-    process = (preloaded_launch.launch(command, module, env) if preloadable else None) or subprocess.Popen(
+    process = (preloaded_launch.launch(command, module, env, wait) if preloadable else None) or subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         text=True,

@@ -7,8 +7,10 @@ from it once it is ready:
 the same module, config, environment, working folder, CPU affinity, process group and exit
 status as `python -m`, without the imports. The flow process still imports no torch.
 
+A worker launched while the parent still imports (about 10 s on a small CPU) waits for it, unless
+its job does not load those libraries (templating: datasets alone), which starts cold at once.
+
 Where forking would not be the same process, the worker is started cold, as before:
-- before the parent is ready (about 10 s of imports on a small CPU);
 - a qlora job, which needs bitsandbytes, which the parent leaves out (its import sets up kernels
   that only a 4-bit model uses);
 - a launch through torchrun, whose ranks are started by torchrun itself;
@@ -99,6 +101,7 @@ class PreloadedParent:
     def __init__(self, env: dict[str, str]):
         self.imports = import_environment(env)
         self.ready = threading.Event()
+        self.settled = threading.Event()  # ready, or gone without getting there
         self.alive = True
         self.running = 0  # its workers not yet waited for
         self._control, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -123,8 +126,10 @@ class PreloadedParent:
             if not message:
                 break
             self.ready.set()
+            self.settled.set()
         self.alive = False
         self.ready.clear()
+        self.settled.set()
         self._process.wait()
 
     def start(self, command: list[str], module: str, env: dict[str, str]) -> PreloadedWorker | None:
@@ -174,19 +179,21 @@ _parent: PreloadedParent | None = None
 _lock = threading.RLock()
 
 
-def launch(command: list[str], module: str, env: dict[str, str]) -> PreloadedWorker | None:
+def launch(command: list[str], module: str, env: dict[str, str], wait: float = 0.0) -> PreloadedWorker | None:
     """`command` (`python -m module ...`) forked from the preloaded parent, or None: start it cold.
 
-    The first call starts the parent (and returns None); the calls after it is ready use it. A call
-    whose environment differs from the parent's where imports could read it starts cold too, and
-    replaces the parent with one of its own environment once the old one's workers have ended.
+    The first call starts the parent. While it imports, a call waits up to `wait` seconds for it
+    (a worker that would import the same libraries beside it, on the same cores, would only slow
+    both down), and starts cold after that or with `wait` 0. A call whose environment differs from
+    the parent's where imports could read it starts cold too, and replaces the parent with one of
+    its own environment once the old one's workers have ended.
     """
     if not preloading_allowed(env):
         return None
     with _lock:
         parent = _current_parent(env)
-        if parent is None or not parent.ready.is_set():
-            return None
+    if parent is None or not parent.settled.wait(wait) or not parent.ready.is_set():
+        return None
     return parent.start(command, module, env)
 
 

@@ -9,7 +9,7 @@ sections are imported here: the flow process reads this module without torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +18,9 @@ from tasks.contracts.spec_sections import TrainSpec
 
 class WorkerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # whether the job's worker loads torch and transformers, which the preloaded parent imports: such a
+    # job waits for a parent still importing them rather than import them a second time beside it
+    loads_model_libraries: ClassVar[bool] = True
 
 
 class Weights(WorkerConfig):
@@ -120,6 +123,7 @@ class ExportJob(WorkerConfig):
 class TemplateJob(WorkerConfig):
     """Read the named datasets, template each row, shuffle, split; write train/ and val/ under `out`."""
 
+    loads_model_libraries: ClassVar[bool] = False  # datasets alone: a cold start is quicker than the wait
     job: Literal["template"] = "template"
     names: list[str]
     registry: str | None

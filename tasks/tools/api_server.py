@@ -51,7 +51,6 @@ from pydantic import BaseModel, ValidationError
 from tasks.dataset.registry import DataError
 from tasks.runtime.browser_guard import LOOPBACK_NAMES, BrowserGuard
 from tasks.runtime.local_servers import process_identity
-from tasks.runtime.model_registry import RegistryError
 from tasks.tools.chat import resolve_chat_model
 
 API_KEY_ENV = "TUNEFACTORY_API_KEY"
@@ -95,7 +94,8 @@ def resolve_model(reference: str, workspace: Path) -> ServedModel:
         raise DataError(f"{reference}: no such model directory")
     from mlflow.utils.file_utils import local_file_uri_to_path
 
-    from tasks.runtime.model_registry import registry_client, resolve_version
+    # here, not at the top: a server of a local directory starts without importing MLflow (4-7 s)
+    from tasks.runtime.model_registry import RegistryError, registry_client, resolve_version
     from tasks.runtime.tracking import tracking_uri
 
     uri = tracking_uri(workspace.resolve())
