@@ -37,7 +37,9 @@ def test_a_kept_conversion_is_reused_as_links_and_a_damaged_one_is_removed(entry
     assert (tmp_path / "second" / "model.safetensors").samefile(entry / "model.safetensors")
     assert sorted(p.name for p in (tmp_path / "second").iterdir()) == ["config.json", "model.safetensors"]
 
-    for damage in (lambda f: f.write_bytes(f.read_bytes()[:-1]), lambda f: f.unlink()):
+    cut_short, removed = (lambda f: f.write_bytes(f.read_bytes()[:-1])), (lambda f: f.unlink())
+    garbled = lambda f: (f.parent / ".digests.json").write_text("{not json")  # noqa: E731
+    for damage in (cut_short, removed, garbled):
         conversion_cache.keep(converted(tmp_path / f"built-{id(damage)}"), entry)
         damage(entry / "model.safetensors")
         assert conversion_cache.reuse(entry, tmp_path / f"third-{id(damage)}") == "damaged"

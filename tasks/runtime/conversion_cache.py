@@ -52,7 +52,10 @@ def reuse(folder: Path, destination: Path) -> Literal["reused", "absent", "damag
     record = folder / DIGESTS
     if not record.is_file():
         return "absent"
-    expected = json.loads(record.read_text())
+    try:
+        expected = json.loads(record.read_text())
+    except (OSError, ValueError):  # edited or unreadable: as damaged as a file that changed
+        expected = None
     found = {file.name: sha256_file(file) for file in folder.iterdir() if file.is_file() and file.name != DIGESTS}
     if found != expected:
         shutil.rmtree(folder, ignore_errors=True)
