@@ -37,9 +37,12 @@ class SharedPromptLM(HFLM):
         if self.backend != "causal" or self.model.config._attn_implementation not in ("sdpa", "eager"):
             # a tree needs a mask of our own: sdpa and eager attention take one, FlashAttention does not
             return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
-        fits = [len(cont) > 0 and len(ctx) + len(cont) <= self.max_length + 1 for _, ctx, cont in requests]
+        fits = [
+            len(ctx) > 0 and len(cont) > 0 and len(ctx) + len(cont) <= self.max_length + 1 for _, ctx, cont in requests
+        ]
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        # lm-eval truncates a pair longer than the model's window from the left; such pairs keep its path
+        # lm-eval truncates a pair longer than the model's window from the left (and gives an empty context
+        # its prefix token before this point): such pairs keep its path
         others = [i for i, fit in enumerate(fits) if not fit]
         if others:
             answers = super()._loglikelihood_tokens([requests[i] for i in others], disable_tqdm=True)
