@@ -50,8 +50,22 @@ def _import_statements(tree: ast.AST):
             pending.extend(ast.iter_child_nodes(node))
 
 
-def _imported_names(name: str, source: Path) -> set[str]:
+# what each source file imports, by file and its modification time and size: a flow process computes the
+# versions of every stage of every run it starts, and parsing the same hundred files each time took
+# seconds per run; an edited file is parsed again
+_IMPORTS: dict[tuple[str, Path, int, int], frozenset[str]] = {}
+
+
+def _imported_names(name: str, source: Path) -> frozenset[str]:
     """Every module name an import statement of `source` may refer to (absolute)."""
+    stat = source.stat()
+    key = (name, source, stat.st_mtime_ns, stat.st_size)
+    if key not in _IMPORTS:
+        _IMPORTS[key] = frozenset(_parsed_imports(name, source))
+    return _IMPORTS[key]
+
+
+def _parsed_imports(name: str, source: Path) -> set[str]:
     package = name if source.name == "__init__.py" else name.rpartition(".")[0]
     names: set[str] = set()
     for node in _import_statements(ast.parse(source.read_bytes(), filename=str(source))):
