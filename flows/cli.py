@@ -5,7 +5,8 @@
     tunefactory preview deployments/self_cognition.yaml
     tunefactory prepare deployments/self_cognition.yaml   (the data stages alone)
     tunefactory chat workspace/models/self-cognition
-    tunefactory api self-cognition@champion [--port 8000 --api-key KEY]   (OpenAI-compatible)
+    tunefactory api self-cognition@champion [--port 8000 --api-key KEY] [--record]   (OpenAI-compatible)
+    tunefactory feedback export self-cognition [--since 2026-12-01 --min-count 50]
     tunefactory generate self-cognition@champion --input prompts.jsonl --output answers.jsonl
     tunefactory validate SPEC | tunefactory schema
     tunefactory ui start | stop   (`make ui`, `make ui-stop`)
@@ -253,8 +254,27 @@ def command_api(args: argparse.Namespace) -> int:
         served_name=args.served_model_name,
         max_body_mb=args.max_body_mb,
         public_without_key=args.public_without_key,
+        record=args.record,
     )
     serve_api(args.model, Path(args.workspace), options)
+    return 0
+
+
+def command_feedback_export(args: argparse.Namespace) -> int:
+    from tasks.tools.feedback_export import export_feedback, since_time
+
+    workspace = Path(args.workspace)
+    out = Path(args.out) if args.out else workspace / "feedback" / args.model.replace("/", "_")
+    since = since_time(args.since) if args.since else None
+    done = export_feedback(workspace, args.model, out, since, args.version, args.min_count, args.holdout)
+    print(
+        f"tunefactory: {done.rated} rated chat answers of {args.model} ({done.held_out} held out for evaluation"
+        + (f", {done.plain_completions_skipped} plain completions left out" if done.plain_completions_skipped else "")
+        + ")"
+    )
+    for name, path in done.files.items():
+        print(f"  {name}: {path}")
+    print(f"  registry: {out / 'dataset_info.json'} (a spec's dataset.registry; dataset.names from the list above)")
     return 0
 
 
@@ -394,7 +414,11 @@ def _using_the_model_commands(commands) -> None:
     """The commands that use a model: api, generate, gguf, chat."""
     api = commands.add_parser("api", help="an OpenAI-compatible endpoint over a model (transformers serve)")
     api.add_argument("model", help="export or adapter directory, or MODEL, MODEL/VERSION, MODEL@ALIAS of the registry")
-    api.add_argument("--workspace", default="workspace", help="whose registry resolves MODEL@ALIAS")
+    api.add_argument(
+        "--workspace",
+        default="workspace",
+        help="whose registry resolves MODEL@ALIAS, and whose MLflow --record writes to",
+    )
     api.add_argument("--host", default="127.0.0.1", help="listen address (default: loopback only)")
     api.add_argument("--port", type=int, default=8000)
     api.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $TUNEFACTORY_API_KEY, or none)")
@@ -405,7 +429,31 @@ def _using_the_model_commands(commands) -> None:
     api.add_argument(
         "--public-without-key", action="store_true", help="allow a --host other than loopback without an API key"
     )
+    api.add_argument(
+        "--record",
+        action="store_true",
+        help="keep every answer as an MLflow trace and take ratings at /v1/ratings (docs/feedback-loop.md)",
+    )
     api.set_defaults(handler=command_api)
+    feedback = commands.add_parser("feedback", help="what users rated (tunefactory api --record) as training data")
+    feedback_commands = feedback.add_subparsers(dest="feedback_command", required=True)
+    export = feedback_commands.add_parser("export", help="rated answers as KTO and DPO sets, LLaMA-Factory format")
+    export.add_argument("model", help="the served model's name (its answers' experiment is NAME-answers)")
+    export.add_argument("--workspace", default="workspace", help="whose MLflow holds the recorded answers")
+    export.add_argument(
+        "--out", help="folder for the files and their dataset_info.json (default: WORKSPACE/feedback/MODEL)"
+    )
+    export.add_argument(
+        "--since", help="only answers from this time on (ISO date or date and time; local time if no zone)"
+    )
+    export.add_argument("--version", help="only answers of this registry version of the model")
+    export.add_argument(
+        "--min-count", type=int, default=1, help="refuse with fewer rated answers than this (default 1)"
+    )
+    export.add_argument(
+        "--holdout", type=float, default=0.2, help="share of rated answers kept out for evaluation, by trace id (0.2)"
+    )
+    export.set_defaults(handler=command_feedback_export)
     generate = commands.add_parser("generate", help="answer a JSON Lines file of prompts or conversations, batched")
     generate.add_argument("model", help="as for api: a directory, or MODEL, MODEL/VERSION, MODEL@ALIAS")
     generate.add_argument("--input", required=True, help='JSON Lines: {"messages": [...]} or {"prompt": "..."}')

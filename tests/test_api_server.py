@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,22 +22,14 @@ import httpx
 import openai
 import psutil
 import pytest
+from api_processes import KEY, answers, serving, start_api, stop
 from headless_chromium import Browser
 from loopback import free_port, wait_for
 
 from flows.cli import main
 from tasks.tools.api_server import SCRATCH_PREFIX, claimed_scratch, model_directories, resolve_model
 
-KEY = "sk-tunefactory-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-RUN_CLI = "import sys\nfrom flows.cli import main\nsys.exit(main(sys.argv[1:]))"
-
-
-class Server(NamedTuple):
-    url: str
-    process: subprocess.Popen
-    scratch: Path  # its TMPDIR, where the copy it serves lives
-    log: Path
 
 
 def lora_adapter(base: Path, directory: Path) -> Path:
@@ -66,39 +57,6 @@ def bf16_base(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).save_pretrained(base)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(base)
     return base
-
-
-def start_api(model: Path, directory: Path, *options: str, prelude: str = "") -> Server:
-    """`tunefactory api MODEL OPTIONS` in its own process, its temporary files in `directory`/tmp."""
-    port, scratch, log = free_port(), directory / "tmp", directory / "server.log"
-    scratch.mkdir(exist_ok=True)
-    command = [sys.executable, "-c", f"{prelude}\n{RUN_CLI}", "api", str(model), "--port", str(port), *options]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, cwd=directory, env={**os.environ, "TMPDIR": str(scratch)}, stdout=output, stderr=subprocess.STDOUT
-        )
-    return Server(f"http://127.0.0.1:{port}", process, scratch, log)
-
-
-def answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
-def serving(server: Server) -> Server:
-    def healthy() -> bool:
-        assert server.process.poll() is None, f"the API server exited: {server.log.read_text()[-2000:]}"
-        return answers(f"{server.url}/health")
-
-    wait_for(healthy, 180, "the API server to answer")
-    return server
-
-
-def stop(server: Server) -> None:
-    server.process.terminate()
-    assert server.process.wait(timeout=60) == 0, server.log.read_text()[-2000:]
 
 
 def served_copies(scratch: Path) -> list[Path]:

@@ -55,6 +55,7 @@ def seed_store(uri: str) -> None:
         return
     copy = store.with_name(f".{store.name}.{os.getpid()}")
     try:
+        store.parent.mkdir(parents=True, exist_ok=True)  # a workspace not made yet (`tunefactory api --record`)
         shutil.copyfile(source, copy)
         with contextlib.closing(sqlite3.connect(copy)) as db, db:
             now = int(time.time() * 1000)

@@ -31,6 +31,7 @@ deleted by the next one to start.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
@@ -43,20 +44,24 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 from urllib.parse import urlparse
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tasks.dataset.registry import DataError
+from tasks.runtime.answer_records import AnswerRecorder, Rating, RatingRefused, ServedVersion, answers_experiment
 from tasks.runtime.browser_guard import LOOPBACK_NAMES, BrowserGuard
 from tasks.runtime.local_servers import process_identity
+from tasks.tools.answer_capture import RECORDED_ROUTES, capturing_send, new_completion_id, with_request_id
 from tasks.tools.chat import resolve_chat_model
 
 API_KEY_ENV = "TUNEFACTORY_API_KEY"
 SCRATCH_PREFIX = "tunefactory-api-"  # the temporary directory of each server's copy
 OWNER_FILE = "owner.json"
 SERVED_PATHS = ("/health", "/docs", "/openapi.json")  # and every path under /v1/
+RATINGS_PATH = "/v1/ratings"  # answered by the gate: the rating of a recorded answer
+RATING_WAIT_S = 60.0  # a rating waits behind the answers queued before it, at most this long
 MAX_JSON_DEPTH = 64  # OpenAI's requests nest a dozen deep at most (tool schemas included)
 # a name that transformers serve takes as a local path relative to the copy's directory: one or two
 # parts (`nova`, `acme/nova`), never `..`, `@` or `:` (its syntax for revisions and GGUF files)
@@ -77,12 +82,14 @@ class ApiOptions:
     served_name: str | None
     max_body_mb: float
     public_without_key: bool
+    record: bool = False  # keep every answer, and take ratings of them (tasks/runtime/answer_records.py)
 
 
 class ServedModel(NamedTuple):
     model_dir: Path
     adapter: Path | None
     name: str  # its name by default: the registry's, or the directory's
+    version: str = ""  # the registry's version number; "" for a directory served by path
 
 
 def resolve_model(reference: str, workspace: Path) -> ServedModel:
@@ -108,13 +115,13 @@ def resolve_model(reference: str, workspace: Path) -> ServedModel:
     if urlparse(version.source).scheme not in ("", "file"):
         where = version.source
         raise RegistryError(f"{reference}: version {version.version} is stored at {where}, not on this machine")
-    return ServedModel(*resolve_chat_model(local_file_uri_to_path(version.source)), version.name)
+    return ServedModel(*resolve_chat_model(local_file_uri_to_path(version.source)), version.name, str(version.version))
 
 
 def model_directories(reference: str, workspace: Path) -> tuple[Path, Path | None]:
     """(model directory, adapter directory or None) for MODEL as given on the command line."""
-    model_dir, adapter, _ = resolve_model(reference, workspace)
-    return model_dir, adapter
+    model = resolve_model(reference, workspace)
+    return model.model_dir, model.adapter
 
 
 def merged_model(model_dir: Path, adapter: Path, into: Path, dtype: str = "float32") -> Path:
@@ -145,9 +152,12 @@ class _Refused(Exception):
 class OneModelGate:
     """ASGI middleware in front of transformers serve: the key, the routes, the body, the name (see the module)."""
 
-    def __init__(self, app, served_name: str, api_key: str | None, max_body_bytes: int):
+    def __init__(
+        self, app, served_name: str, api_key: str | None, max_body_bytes: int, recorder: AnswerRecorder | None = None
+    ):
         self.app, self.served_name, self.max_body_bytes = app, served_name, max_body_bytes
         self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.recorder = recorder
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan" or (scope["type"] == "http" and scope["path"] == "/health"):
@@ -160,10 +170,43 @@ class OneModelGate:
                 body = await _read_body(scope, receive, self.max_body_bytes)
                 if body is None:  # the client left: nobody to answer
                     return None
+                if scope["path"] == RATINGS_PATH:
+                    return await _answer_json(send, await self._rate(_json_request(body)))
                 receive = _body_then(self._with_served_name(body, scope), receive)
+                if self.recorder is not None and scope["path"] in RECORDED_ROUTES:
+                    scope, send = self._recording(scope, send, body)
         except _Refused as refusal:
             return await _answer_error(send, refusal)
         return await self.app(scope, receive, send)
+
+    def _recording(self, scope, send, body: bytes):
+        """The scope with a completion id of the gate's, and a send that records the answer once sent."""
+        route = RECORDED_ROUTES[scope["path"]]
+        completion_id = new_completion_id(route)
+        request = _json_request(body)
+        recorded_send = capturing_send(send, route, completion_id, request, self.recorder.record)
+        return with_request_id(scope, completion_id), recorded_send
+
+    async def _rate(self, request: dict) -> dict:
+        """Store a rating of a recorded answer (POST /v1/ratings); the stored rating, or an OpenAI-style error."""
+        if self.recorder is None:
+            raise _Refused(404, "recording_off", "answers are not recorded here: start the server with --record")
+        try:
+            given = RatingRequest.model_validate(request)
+        except ValidationError as exc:
+            raise _Refused(400, "invalid_rating", _first_problem(exc)) from None
+        rating = Rating(given.id, given.rating == "up", given.comment, given.correction, given.user or "anonymous")
+        try:
+            trace_id = await asyncio.wait_for(asyncio.wrap_future(self.recorder.rate(rating)), RATING_WAIT_S)
+        except RatingRefused as refusal:
+            raise _Refused(refusal.status, refusal.code, str(refusal)) from None
+        except TimeoutError:
+            raise _Refused(
+                503, "recording_busy", "the answer store did not take the rating in time: send it again"
+            ) from None
+        except Exception as exc:  # noqa: BLE001 (MLflow's store failing: the client hears it, the server goes on)
+            raise _Refused(503, "recording_failed", f"the rating was not stored: {exc}") from None
+        return {"object": "rating", "id": given.id, "rating": given.rating, "trace_id": trace_id}
 
     def _check_route(self, scope) -> None:
         given = dict(scope.get("headers", [])).get(b"authorization", b"")
@@ -245,6 +288,30 @@ def _body_then(body: bytes, receive):
     return receive_body_then_the_rest
 
 
+class RatingRequest(BaseModel):
+    """The body of POST /v1/ratings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(description="the completion's id, as its response gave it (chatcmpl-...)")
+    rating: Literal["up", "down"]
+    comment: str | None = Field(None, description="why: stored as the feedback's rationale")
+    correction: str | None = Field(None, description="the answer that should have been given")
+    user: str | None = Field(None, description="who rates (stored as the feedback's source)")
+
+
+def _first_problem(exc: ValidationError) -> str:
+    problem = exc.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "body"
+    allowed = "a JSON object with id, rating ('up' or 'down'), and optionally comment, correction, user"
+    return f"rating: {where}: {problem['msg']} ({allowed})"
+
+
+async def _answer_json(send, answer: dict) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+
 async def _answer_error(send, refusal: _Refused) -> None:
     error = {"message": str(refusal), "type": "invalid_request_error", "param": None, "code": refusal.code}
     headers = [(b"content-type", b"application/json")]
@@ -261,9 +328,9 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def guarded_app(app, served_name: str, options: ApiOptions):
+def guarded_app(app, served_name: str, options: ApiOptions, recorder: AnswerRecorder | None = None):
     """transformers' app behind the gate, and on loopback behind the browser guard as well."""
-    gate = OneModelGate(app, served_name, options.api_key, int(options.max_body_mb * 1_000_000))
+    gate = OneModelGate(app, served_name, options.api_key, int(options.max_body_mb * 1_000_000), recorder)
     if not is_loopback(options.host):
         return gate
     own_name = f"[{options.host}]" if ":" in options.host else options.host  # as a Host header names it
@@ -392,9 +459,12 @@ def serve_api(reference: str, workspace: Path, options: ApiOptions) -> None:
             scratch = claimed_scratch(None, os.getpid())
             scratch_stack.callback(shutil.rmtree, scratch, ignore_errors=True)
             served_copy(model, scratch / served_name)
+            recorder = answer_recorder(model, served_name, Path(workspace)) if options.record else None
+            if recorder is not None:
+                scratch_stack.callback(recorder.close)  # after the server stopped: what is queued is written
             # transformers serve names the model by the path it loads: relative to here, that is the served name
             scratch_stack.enter_context(contextlib.chdir(scratch))
-            _serve(served_name, model, options)
+            _serve(served_name, model, options, recorder)
     except KeyboardInterrupt:
         pass
     finally:
@@ -402,12 +472,27 @@ def serve_api(reference: str, workspace: Path, options: ApiOptions) -> None:
     print("tunefactory: the API server stopped", flush=True)
 
 
-def _serve(served_name: str, model: ServedModel, options: ApiOptions) -> None:
+def answer_recorder(model: ServedModel, served_name: str, workspace: Path) -> AnswerRecorder:
+    """The recorder of this server's answers, into the workspace's MLflow (opened on its own thread)."""
+    from tasks.runtime.tracking import tracking_uri
+
+    source = str((model.adapter or model.model_dir).resolve())
+    return AnswerRecorder(tracking_uri(workspace.resolve()), ServedVersion(served_name, model.version, source))
+
+
+def _serve(served_name: str, model: ServedModel, options: ApiOptions, recorder: AnswerRecorder | None) -> None:
     from transformers.cli.serve import Serve
 
     key_note = " (API key required)" if options.api_key else ""
     where = f"http://{options.host}:{options.port}/v1"
     print(f"tunefactory: serving {served_name!r} ({model.adapter or model.model_dir}) at {where}{key_note}", flush=True)
-    with _gated_uvicorn(lambda app: guarded_app(app, served_name, options)):
+    if recorder is not None:
+        experiment = answers_experiment(served_name)
+        print(
+            f"tunefactory: recording answers in {recorder.tracking_uri}, experiment {experiment!r}; "
+            f"rate them at {where}/ratings",
+            flush=True,
+        )
+    with _gated_uvicorn(lambda app: guarded_app(app, served_name, options, recorder)):
         # only the arguments every 5.x Serve takes: the rest of its Python API changes between releases
         Serve(force_model=served_name, host=options.host, port=options.port)
