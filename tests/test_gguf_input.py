@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flows.cli import main
+from tasks.components.gguf_check import quick_reader_class
 from tasks.contracts.gguf_file import check_conversion_memory, read_gguf_header
 from tasks.contracts.packaged_models import ModelSourceError, packaged_gguf
 
@@ -143,6 +144,7 @@ def test_mutated_gguf_bytes_are_refused_in_one_line_or_read_whole_by_both_reader
         assert str(refused).startswith(f"model.name_or_path: {path}: ") and "\n" not in str(refused)
         return
     reader = GGUFReader(path)  # every tensor's data is mapped here: it lies inside the file
+    assert_read_alike(reader, quick_reader_class()(path))
     assert [t.name for t in reader.tensors] == [t.name for t in header.tensors]
     assert [t.n_elements for t in reader.tensors] == [t.elements for t in header.tensors]
     texts = {key: field.contents() for key, field in reader.fields.items() if field.types == [8]}
@@ -150,6 +152,27 @@ def test_mutated_gguf_bytes_are_refused_in_one_line_or_read_whole_by_both_reader
     metadata, names = read_gguf_metadata(str(path))
     assert metadata["general.architecture"] == header.texts["general.architecture"]
     assert list(names) == [t.name for t in header.tensors]
+
+
+def assert_read_alike(reader, quick) -> None:
+    """The conversion's quicker reader (tasks/components/gguf_check.py) gives what gguf's own gives."""
+    assert list(quick.fields) == list(reader.fields)
+    for name, field in reader.fields.items():
+        fast = quick.fields[name]
+        assert (fast.offset, fast.data, fast.types) == (field.offset, field.data, field.types), name
+        assert [(p.dtype, p.shape, p.tobytes()) for p in fast.parts] == [
+            (p.dtype, p.shape, p.tobytes()) for p in field.parts
+        ], name
+    assert (quick.alignment, quick.data_offset) == (reader.alignment, reader.data_offset)
+    for fast, tensor in zip(quick.tensors, reader.tensors, strict=True):
+        assert (fast.name, fast.tensor_type, fast.n_bytes, fast.data_offset) == (
+            tensor.name, tensor.tensor_type, tensor.n_bytes, tensor.data_offset
+        )  # fmt: skip
+        assert (fast.data.dtype, fast.data.shape, fast.data.tobytes()) == (
+            tensor.data.dtype,
+            tensor.data.shape,
+            tensor.data.tobytes(),
+        )
 
 
 def test_a_conversion_larger_than_free_memory_is_refused_with_the_numbers():
