@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,8 @@ def test_the_registered_version_loads_as_an_mlflow_model_and_answers(first_run):
 
     _, result = first_run
     conversations = [[{"role": "user", "content": "Who are you?"}], [{"role": "user", "content": "Hi"}]]
-    previous = mlflow.get_tracking_uri()
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI to later subprocesses: restored as it was (unset)
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(result.tracking.uri)
     try:
         model = mlflow.pyfunc.load_model("models:/tiny-test@candidate")
