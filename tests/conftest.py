@@ -5,9 +5,12 @@ modules named for what they hold: tiny_pipeline.py, loopback.py, shared_inputs.p
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from loopback import free_port
 from shared_inputs import llamafactory_data_or_fail_in_ci
 from tiny_pipeline import build_tiny_llama
 
@@ -39,6 +42,30 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def ui_servers(tmp_path_factory: pytest.TempPathFactory):
+    """What `make ui` starts: both servers on free loopback ports, their databases in a workspace of
+    their own; (workspace, servers). Session-wide: about a minute of one core to start, shared by the
+    files of SHARED_PROCESS below (test_schedule.py stops them in its last test)."""
+    from tasks.runtime import local_servers
+
+    workspace = tmp_path_factory.mktemp("ui-workspace")
+    ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
+    started = subprocess.run(
+        [str(Path(sys.executable).parent / "tunefactory"), "ui", "start", "--workspace", str(workspace), *ports],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert started.returncode == 0, started.stdout + started.stderr
+    servers = local_servers.recorded(workspace)
+    assert servers is not None and servers.prefect_url in started.stdout and servers.mlflow_url in started.stdout
+    yield workspace, servers
+    local_servers.stop(workspace)
+
+
+@pytest.fixture(scope="session")
 def llamafactory_data() -> Path:
     """LLaMA-Factory's data folder, for `needs_llamafactory_data`: session-wide, so it fails or skips a
     test before any module fixture that would read the data is built."""
@@ -53,14 +80,36 @@ def pytest_configure(config):
         os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
 
 
+# Files that share a session fixture too costly to build twice go to one test process together:
+# file -> the file whose process it joins (`ui_servers`; test_schedule.py's last test stops them)
+SHARED_PROCESS = {"test_browser_guard.py": "test_schedule.py"}
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist's --dist loadfile (a file's tests in one process), with SHARED_PROCESS's files joined."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFixtureScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            scope = super()._split_scope(nodeid)
+            directory, _, name = scope.rpartition("/")
+            return f"{directory}/{SHARED_PROCESS[name]}" if name in SHARED_PROCESS else scope
+
+    return SharedFixtureScheduling(config, log)
+
+
 # The longest files (minutes each, docs/tests.md), started first: pytest-xdist, run with
 # --no-loadscope-reorder (the Makefile does), hands out whole
-# files in collection order, so one of these left for last would keep one process busy alone
+# files in collection order, so one of these left for last would keep one process busy alone.
+# A file that joins another's process (SHARED_PROCESS) comes just before it: its tests run first
 LONGEST_FIRST = [
     "test_demo_e2e.py",
     "test_resume_and_retry.py",
     "test_distributed_training.py",
     "test_training_stages.py",
+    "test_browser_guard.py",
     "test_schedule.py",
     "test_sweep_compare_lineage.py",
     "test_llamafactory_pipeline.py",

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import subprocess
-import sys
 import threading
 import uuid
 from pathlib import Path
@@ -22,8 +20,6 @@ from loopback import free_port, prefect_csrf_headers
 from mlflow.tracking import MlflowClient
 
 from tasks.runtime import local_servers
-
-BIN = Path(sys.executable).parent
 
 # What the hostile page tries, each a request a page may send: JSON writes (which need the server
 # to allow the page's origin in a preflight) and "simple" writes (no preflight; the page cannot
@@ -51,27 +47,17 @@ async function attempt(name, request) {
 """
 
 
-@pytest.fixture(scope="module")
-def ui_servers(tmp_path_factory: pytest.TempPathFactory):
-    workspace = tmp_path_factory.mktemp("guarded-ui")
-    ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
-    started = subprocess.run(
-        [str(BIN / "tunefactory"), "ui", "start", "--workspace", str(workspace), *ports],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert started.returncode == 0, started.stdout + started.stderr
-    servers = local_servers.recorded(workspace)
-    yield servers
-    local_servers.stop(workspace)
+@pytest.fixture
+def servers(ui_servers):
+    """`make ui`'s servers (conftest.py: shared with test_schedule.py, which stops them last)."""
+    return ui_servers[1]
 
 
 @pytest.fixture
-def hostile_site(tmp_path: Path, ui_servers):
+def hostile_site(tmp_path: Path, servers):
     """A web page on another loopback port that tries to drive both servers."""
-    script = ATTACKS.replace("PREFECT", json.dumps(ui_servers.prefect_url)).replace(
-        "MLFLOW", json.dumps(ui_servers.mlflow_url)
+    script = ATTACKS.replace("PREFECT", json.dumps(servers.prefect_url)).replace(
+        "MLFLOW", json.dumps(servers.mlflow_url)
     )
     (tmp_path / "index.html").write_text(f"<html><body>hello<script>{script}</script></body></html>")
     handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
@@ -87,7 +73,7 @@ def prefect_flow_names(api_url: str) -> set[str]:
     return {flow["name"] for flow in response.json()}
 
 
-def test_a_page_of_another_origin_can_neither_write_to_nor_read_either_server(ui_servers, hostile_site):
+def test_a_page_of_another_origin_can_neither_write_to_nor_read_either_server(servers, hostile_site):
     browser = Browser()
     try:
         browser.open(hostile_site)
@@ -104,15 +90,15 @@ def test_a_page_of_another_origin_can_neither_write_to_nor_read_either_server(ui
         "mlflow simple write": "sent",
         "mlflow read": "refused",
     }
-    assert not {"hostile-json", "hostile-simple"} & prefect_flow_names(ui_servers.prefect_api_url)
-    experiments = {e.name for e in MlflowClient(ui_servers.mlflow_url).search_experiments()}
+    assert not {"hostile-json", "hostile-simple"} & prefect_flow_names(servers.prefect_api_url)
+    experiments = {e.name for e in MlflowClient(servers.mlflow_url).search_experiments()}
     assert not {"hostile-json", "hostile-simple"} & experiments
 
 
 @pytest.mark.parametrize("server", ["prefect", "mlflow"])
-def test_a_rebound_domain_or_foreign_origin_is_refused_and_python_clients_are_not(ui_servers, server):
+def test_a_rebound_domain_or_foreign_origin_is_refused_and_python_clients_are_not(servers, server):
     """DNS rebinding makes a hostile domain same-origin to the browser: only its Host header tells."""
-    url = f"{ui_servers.prefect_api_url}/health" if server == "prefect" else f"{ui_servers.mlflow_url}/version"
+    url = f"{servers.prefect_api_url}/health" if server == "prefect" else f"{servers.mlflow_url}/version"
     port = url.split(":")[2].split("/")[0]
     assert httpx.get(url, headers={"Host": f"hostile.example:{port}"}).status_code == 403
     assert httpx.get(url, headers={"Origin": f"http://localhost:{free_port()}"}).status_code == 403
@@ -120,8 +106,8 @@ def test_a_rebound_domain_or_foreign_origin_is_refused_and_python_clients_are_no
     assert httpx.get(url).status_code == 200
 
 
-def test_prefect_refuses_a_write_without_its_csrf_token(ui_servers):
-    api = ui_servers.prefect_api_url
+def test_prefect_refuses_a_write_without_its_csrf_token(servers):
+    api = servers.prefect_api_url
     refused = httpx.post(f"{api}/flows/", json={"name": "no-token"})
     assert refused.status_code == 403 and "CSRF" in refused.text
     written = httpx.post(f"{api}/flows/", json={"name": "with-token"}, headers=prefect_csrf_headers(api))
@@ -129,19 +115,19 @@ def test_prefect_refuses_a_write_without_its_csrf_token(ui_servers):
     assert "no-token" not in prefect_flow_names(api)
 
 
-def test_both_uis_still_work_and_show_what_python_clients_wrote(ui_servers):
+def test_both_uis_still_work_and_show_what_python_clients_wrote(servers):
     """Prefect's UI lists runs with POSTs (`/flow_runs/filter`), so it must fetch and send its CSRF token."""
     from prefect.client.orchestration import SyncPrefectClient
 
     name = f"guarded-{uuid.uuid4().hex[:6]}"
-    with SyncPrefectClient(ui_servers.prefect_api_url) as client:  # CSRF support is its default
+    with SyncPrefectClient(servers.prefect_api_url) as client:  # CSRF support is its default
         client.create_flow_from_name(name)
-    experiment = MlflowClient(ui_servers.mlflow_url).create_experiment(name)
+    experiment = MlflowClient(servers.mlflow_url).create_experiment(name)
     browser = Browser()
     try:
-        browser.open(f"{ui_servers.prefect_url}/flows")
+        browser.open(f"{servers.prefect_url}/flows")
         browser.wait_for_text(name)
-        browser.open(f"{ui_servers.mlflow_url}/#/experiments/{experiment}/runs")
+        browser.open(f"{servers.mlflow_url}/#/experiments/{experiment}/runs")
         browser.wait_for_text(name)
     finally:
         browser.close()

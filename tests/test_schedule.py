@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 from headless_chromium import Browser
-from loopback import free_port, prefect_csrf_headers
+from loopback import prefect_csrf_headers
 from mlflow.tracking import MlflowClient
 from tiny_pipeline import STAGE_TASK_RUNS, tiny_spec
 
@@ -70,18 +70,6 @@ def tunefactory(*args: str, timeout: float = 300, **env: str) -> subprocess.Comp
     return result
 
 
-@pytest.fixture(scope="module")
-def ui_servers(tmp_path_factory: pytest.TempPathFactory):
-    """What `make ui` starts: both servers on loopback, their databases in the workspace."""
-    workspace = tmp_path_factory.mktemp("ui-workspace")
-    ports = ["--prefect-port", str(free_port()), "--mlflow-port", str(free_port())]
-    started = tunefactory("ui", "start", "--workspace", str(workspace), *ports)
-    servers = local_servers.recorded(workspace)
-    assert servers is not None and servers.prefect_url in started.stdout and servers.mlflow_url in started.stdout
-    yield workspace, servers
-    local_servers.stop(workspace)
-
-
 def write_spec(tiny_model: Path, workspace: Path, name: str, directory: Path) -> tuple[Path, dict]:
     spec = tiny_spec(tiny_model, workspace)
     spec.name = name
@@ -99,17 +87,20 @@ def flow_runs_of(api: str, deployment_name: str) -> list[dict]:
     return prefect_api("POST", f"{api}/flow_runs/filter", json={"deployments": {"id": {"any_": ids}}}).json()
 
 
-def wait_for_completed_run(api: str, deployment_name: str, timeout: float, log: Path) -> dict:
+def wait_for_completed_run(
+    api: str, deployment_name: str, timeout: float, log: Path, states: tuple[str, ...] = ("COMPLETED",)
+) -> dict:
+    """The first run of the deployment found in one of `states` (a failed one fails the test)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         runs = flow_runs_of(api, deployment_name)
         failed = [r for r in runs if r["state"]["type"] in ("FAILED", "CRASHED")]
         assert not failed, f"a run of {deployment_name} failed: {failed[0]['state']}\n{log.read_text()[-3000:]}"
-        done = [r for r in runs if r["state"]["type"] == "COMPLETED"]
+        done = [r for r in runs if r["state"]["type"] in states]
         if done:
             return done[0]
         time.sleep(2)
-    raise AssertionError(f"no completed run of {deployment_name} within {timeout} s\n{log.read_text()[-3000:]}")
+    raise AssertionError(f"no run of {deployment_name} in {states} within {timeout} s\n{log.read_text()[-3000:]}")
 
 
 def assert_every_stage_and_artifact(api: str, flow_run: dict) -> None:
@@ -161,10 +152,15 @@ def wait_for_flow_process_exit(flow_run_id: str, timeout: float = 90) -> None:
     raise AssertionError(f"the process of flow run {flow_run_id} did not exit within {timeout} s")
 
 
+def pause(api: str, deployment_id: str) -> None:
+    """Pause the deployment's schedule; Prefect deletes the runs it had scheduled ahead."""
+    prefect_api("PATCH", f"{api}/deployments/{deployment_id}", json={"paused": True}).raise_for_status()
+
+
 def settle(api: str, deployment_id: str, timeout: float = 240) -> None:
     """Pause the schedule and let every started run finish and its process exit, so that
     stopping `serve` interrupts nothing (an interrupted run is rightly marked Cancelled)."""
-    prefect_api("PATCH", f"{api}/deployments/{deployment_id}", json={"paused": True}).raise_for_status()
+    pause(api, deployment_id)
     query = {"deployments": {"id": {"any_": [deployment_id]}}}
     deadline = time.time() + timeout
     while True:
@@ -195,9 +191,15 @@ def served_run(ui_servers, tiny_model: Path, tmp_path_factory: pytest.TempPathFa
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    api = servers.prefect_api_url
     try:
-        flow_run = wait_for_completed_run(servers.prefect_api_url, "served-tiny", timeout=420, log=log)
-        settle(servers.prefect_api_url, flow_run["deployment_id"])
+        started = wait_for_completed_run(api, "served-tiny", timeout=300, log=log, states=("RUNNING", "COMPLETED"))
+        # the schedule has shown it runs: paused now, the runner starts no second run of the same
+        # pipeline once this one ends (a minute of one core in the test run, for nothing)
+        pause(api, started["deployment_id"])
+        flow_run = wait_for_completed_run(api, "served-tiny", timeout=300, log=log)
+        assert flow_run["id"] == started["id"]
+        settle(api, flow_run["deployment_id"])
         return flow_run
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
