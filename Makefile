@@ -7,7 +7,7 @@ SPEC ?= deployments/self_cognition.yaml
 WORKSPACE ?= workspace
 LLAMA_CPP_WHEEL := $(wildcard ../shared/wheels/llama_cpp_python-0.3.36-py3-none-linux_x86_64.whl)
 
-.PHONY: install chromium demo test test-fast bench bench-data bench-recording gpu-check gpu-bundle lint format ui ui-stop clean
+.PHONY: install chromium demo test test-fast bench bench-data bench-recording loop-demo gpu-check gpu-bundle lint format ui ui-stop clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -67,6 +67,11 @@ bench-data: install
 # Answer latency of `tunefactory api` with and without --record, SmolLM2 on loopback (tasks/tools/bench_recording.py)
 bench-recording: install
 	$(VENV)/bin/python -m tasks.tools.bench_recording --root $(WORKSPACE)/bench-recording
+
+# One turn of the feedback loop on SmolLM2 (tasks/tools/loop_demo.py): the demo's champion (made first where the
+# workspace has none), scripted users rating its answers, the export, deployments/feedback_loop.yaml, the verdict
+loop-demo: install
+	$(VENV)/bin/python -m tasks.tools.loop_demo --workspace $(WORKSPACE)
 
 # The GPU path run for real (tasks/tools/gpu_check.py): on a GPU machine the gpu tests, make bench's GPU cases,
 # qlora and bf16 full fine-tunes of the 1B shape, FSDP2 and DeepSpeed on one GPU, one summary table; without CUDA

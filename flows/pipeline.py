@@ -33,6 +33,7 @@ from tasks.runtime.tracking import log_pipeline_datasets, log_pipeline_metrics, 
 from tasks.stages.evaluate import evaluate_model
 from tasks.stages.export import merge_and_export
 from tasks.stages.materialize_model import materialize_base_model
+from tasks.stages.promotion import promote_if_better
 from tasks.stages.template_dataset import template_dataset
 from tasks.stages.tokenize_dataset import tokenize_dataset
 from tasks.stages.train import train_model
@@ -66,9 +67,9 @@ def materialize(spec: PipelineSpec, ctx: StageContext) -> Manifest:
         trust_remote_code=spec.model.trust_remote_code,
         chat_template=spec.model.template_text(),
     )
-    tag_pipeline_run(
-        ctx.tracking, {"base_model": spec.model.name_or_path, "base_model_digest": ModelInfo.of(base).source_digest}
-    )
+    info = ModelInfo.of(base)
+    tags = {"base_model": spec.model.name_or_path, "base_model_digest": info.source_digest}
+    tag_pipeline_run(ctx.tracking, tags | ({"base_model_version": info.base_version} if info.base_version else {}))
     return base
 
 
@@ -162,7 +163,10 @@ def finetune(spec: PipelineSpec, labels: dict[str, str] | None = None) -> Pipeli
         stages = {"model": base}
         trained, last_model_stage = train_chain(spec, base, ctx)
         stages |= trained
+        promotion = None
         if last_model_stage:
             stages |= evaluate_and_export(spec, ctx, stages, last_model_stage)
             log_pipeline_metrics(ctx.tracking, stages["evaluate"].metrics)
-    return PipelineResult(flow_run_id=str(flow_run.id), tracking=ctx.tracking, stages=stages)
+            if spec.export.promote:
+                promotion = promote_if_better(ctx, spec.export, stages["export"], stages["evaluate"], base)
+    return PipelineResult(flow_run_id=str(flow_run.id), tracking=ctx.tracking, stages=stages, promotion=promotion)

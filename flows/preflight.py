@@ -25,12 +25,12 @@ def check_inputs(spec: PipelineSpec) -> None:
     from tasks.components.chat_encoding import template_supports_tools
     from tasks.contracts.spec_sections import GGUF_ARCHITECTURES, STAGE_DATA
     from tasks.dataset.registry import DataError
-    from tasks.stages.evaluate import eval_sets
-    from tasks.stages.materialize_model import model_chat_template, model_type_of, source_fingerprint
+    from tasks.stages.evaluate import eval_sets, preference_pairs
+    from tasks.stages.materialize_model import model_chat_template, model_type_of, source_directory, source_fingerprint
     from tasks.stages.template_dataset import peek_examples
 
-    source_fingerprint(spec.model.name_or_path)
-    model_type = model_type_of(spec.model.name_or_path) if "gguf" in spec.export.formats else None
+    model = source_directory(spec.model.name_or_path, source_fingerprint(spec.model.name_or_path, spec.workspace))
+    model_type = model_type_of(model) if "gguf" in spec.export.formats else None
     if model_type is not None and model_type not in GGUF_ARCHITECTURES:  # a hub model: the export checks
         raise SpecError(
             f"export.formats: gguf: {spec.model.name_or_path} is a {model_type!r} model; "
@@ -50,7 +50,7 @@ def check_inputs(spec: PipelineSpec) -> None:
         if not any(source["rows"] for source in sources):
             raise SpecError(f"{key}: {', '.join(data.names)} hold no rows")
         if any(e.get("tools") or any("tool_calls" in m for m in e.get("messages", [])) for e in examples):
-            template = spec.model.template_text() or model_chat_template(spec.model.name_or_path)
+            template = spec.model.template_text() or model_chat_template(model)
             if template is not None and not template_supports_tools(template):
                 which = spec.model.chat_template or f"the chat template of {spec.model.name_or_path}"
                 raise SpecError(
@@ -60,6 +60,7 @@ def check_inputs(spec: PipelineSpec) -> None:
     # read as the evaluate stage reads them, so a bad row, pattern, benchmark file or task name
     # stops the run here, not after training
     eval_sets(spec.evaluate, spec.dataset.registry, spec.dataset.template_vars)
+    preference_pairs(spec.evaluate.preferences, spec.dataset.registry, spec.dataset.template_vars)
     check_benchmarks(spec.evaluate.benchmarks)
 
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.contracts.manifest import Manifest
 from tasks.runtime.tracking import Tracking
+from tasks.stages.promotion import Promotion
 
 
 class PipelineResult(BaseModel):
@@ -22,6 +23,7 @@ class PipelineResult(BaseModel):
     flow_run_id: str
     tracking: Tracking
     stages: dict[str, Manifest]  # by stage id, in the order they ran: "model", "template", "train-reward", ...
+    promotion: Promotion | None = None  # with export.promote: what the run did to the champion alias
 
 
 class ComparisonFiles(BaseModel):

@@ -90,6 +90,7 @@ def summary(result: PipelineResult, temporary_prefect: bool = False) -> str:
         stage_lines(result.stages)
         + evaluation_lines(result.stages.get("evaluate"))
         + export_lines(result.stages.get("export"))
+        + ([f"  {result.promotion.summary()}"] if result.promotion else [])
         + where_lines(result.tracking, result.flow_run_id, temporary_prefect)
     )
 

@@ -115,6 +115,8 @@ class PipelineSpec(Section):
                 **{f"evaluate.sets.{i}.dataset": s.dataset for i, s in enumerate(self.evaluate.sets)}}  # fmt: skip
         for key, name in sets.items():
             check_paths_in_registry(key, [name] if name else [], registry, eval_sets=True)
+        if self.evaluate.preferences:
+            check_paths_in_registry("evaluate.preferences", [self.evaluate.preferences], registry)
         return self
 
     def training_plan(self) -> list[PlannedStage]:

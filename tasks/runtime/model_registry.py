@@ -18,7 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.contracts.spec_sections import DEFAULT_GATE_METRICS
-from tasks.runtime.intervals import compare, is_headline
+from tasks.runtime.intervals import compare, estimate, higher_is_better, is_headline, shown
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 # the tags a version carries for the gate `promote` applies (export.promotion_metrics, _margin)
@@ -105,6 +105,29 @@ def resolve_version(client: MlflowClient, reference: str) -> ModelVersion:
     return versions[0]
 
 
+def version_directory(reference: str, workspace: str | Path) -> tuple[Path, ModelVersion]:
+    """The directory of the exported files of the version `reference` names in the workspace's
+    registry, and that version; a RegistryError naming the reference and the registry otherwise."""
+    from urllib.parse import urlparse
+
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    from tasks.runtime.tracking import tracking_uri
+
+    workspace = Path(workspace).resolve()
+    uri = tracking_uri(workspace)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise RegistryError(f"{reference}: {workspace} has no model registry (no mlflow.db)")
+    try:
+        version = resolve_version(registry_client(workspace), reference)
+    except RegistryError as exc:
+        raise RegistryError(f"{exc} (registry of {workspace})") from None
+    if urlparse(version.source).scheme not in ("", "file"):
+        where = version.source
+        raise RegistryError(f"{reference}: version {version.version} is stored at {where}, not on this machine")
+    return Path(local_file_uri_to_path(version.source)), version
+
+
 def evaluation(version: ModelVersion) -> dict[str, float]:
     """The tuned model's metrics of a version, without the prefix: `tuned_val_loss` is `val_loss`."""
     found = {}
@@ -134,11 +157,40 @@ def version_gate(version: ModelVersion, metrics: list[str] | None = None, margin
     return Gate([m.strip().removeprefix("tuned_") for m in chosen if m.strip()], margin)
 
 
-def promotion_verdict(candidate: ModelVersion, champion: ModelVersion | None, gate: Gate) -> tuple[bool, list[str]]:
+def gate_verdict(
+    new: dict[str, float], old: dict[str, float], gate: Gate, improve: list[str] = (),
+    sides: tuple[str, str] = ("the new version", "the champion"),
+) -> tuple[bool, list[str]]:  # fmt: skip
+    """Whether scores `new` pass the gate against `old`, with one line per metric: not worse beyond
+    noise (and the margin) on any gated metric, and better (the point estimate) on each of `improve`.
+    `sides`: how a missing metric's message names the two."""
+    reasons, ok = [], True
+    for metric in [*gate.metrics, *improve]:
+        if metric not in new or metric not in old:
+            known = ", ".join(sorted(filter(is_headline, new if metric not in new else old))) or "none"
+            side = sides[0] if metric not in new else sides[1]
+            return False, [f"{metric} is not a metric of {side} (its metrics: {known})"]
+    for metric in gate.metrics:
+        worse, reason = compare(metric, new, old, gate.margin)
+        reasons.append(reason)
+        ok = ok and not worse
+    for metric in improve:
+        gain = (new[metric] - old[metric]) * (1 if higher_is_better(metric) else -1)
+        found, before = estimate(new, metric), estimate(old, metric)
+        text = f"{shown(found)} vs {shown(before)}" if found and before else f"{new[metric]:.3f} vs {old[metric]:.3f}"
+        reasons.append(f"{metric} {text}: {'better' if gain > 0 else 'not better'}, as required to replace it")
+        ok = ok and gain > 0
+    return ok, reasons
+
+
+def promotion_verdict(
+    candidate: ModelVersion, champion: ModelVersion | None, gate: Gate, improve: list[str] = ()
+) -> tuple[bool, list[str]]:
     """Whether `candidate` may become champion, with one line per gated metric.
 
-    Refused when it is worse than the champion beyond noise (and the margin) on any gated metric;
-    equal within noise is not worse (tasks/runtime/intervals.py says how noise is measured).
+    Refused when it is worse than the champion beyond noise (and the margin) on any gated metric,
+    or not better on a metric of `improve`; equal within noise is not worse
+    (tasks/runtime/intervals.py says how noise is measured).
     """
     if champion is None:
         return True, ["no champion yet"]
@@ -147,17 +199,29 @@ def promotion_verdict(candidate: ModelVersion, champion: ModelVersion | None, ga
     ours, theirs = candidate.tags.get("eval_set_digest"), champion.tags.get("eval_set_digest")
     if not ours or ours != theirs:
         return False, [f"evaluated on another evaluation set ({ours} vs champion's {theirs}); not comparable"]
-    new, old = evaluation(candidate), evaluation(champion)
-    reasons, ok = [], True
-    for metric in gate.metrics:
-        if metric not in new or metric not in old:
-            where = candidate.version if metric not in new else champion.version
-            known = ", ".join(sorted(filter(is_headline, new))) or "none"
-            return False, [f"{metric} is not a metric of version {where} (its metrics: {known})"]
-        worse, reason = compare(metric, new, old, gate.margin)
-        reasons.append(reason)
-        ok = ok and not worse
-    return ok, reasons
+    sides = (f"version {candidate.version}", f"version {champion.version}")
+    return gate_verdict(evaluation(candidate), evaluation(champion), gate, improve, sides)
+
+
+def current_champion(client: MlflowClient, name: str) -> ModelVersion | None:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def make_champion(
+    client: MlflowClient, candidate: ModelVersion, champion: ModelVersion | None, gate: Gate, verdict: list[str]
+) -> None:
+    """Move the alias, and record on the version what it replaced and why."""
+    client.set_registered_model_alias(candidate.name, CHAMPION, candidate.version)
+    record = {
+        "promoted_over": champion.version if champion else "",
+        "promoted_gate": gate.describe(),
+        "promoted_verdict": "; ".join(verdict)[:5000],
+    }
+    for key, value in record.items():
+        client.set_model_version_tag(candidate.name, candidate.version, key, value)
 
 
 def promote(
@@ -167,10 +231,7 @@ def promote(
     """Move the `champion` alias to a version unless it evaluates worse than the current one beyond
     noise; the gate used and the verdict are recorded on the version."""
     candidate = resolve_version(client, reference)
-    try:
-        champion = client.get_model_version_by_alias(candidate.name, CHAMPION)
-    except MlflowException:
-        champion = None
+    champion = current_champion(client, candidate.name)
     gate = version_gate(candidate, metrics, margin)
     ok, reasons = promotion_verdict(candidate, champion, gate)
     if not ok and not force:
@@ -179,12 +240,35 @@ def promote(
             + "; ".join(reasons)
             + " (--force promotes it anyway)"
         )
-    client.set_registered_model_alias(candidate.name, CHAMPION, candidate.version)
-    record = {
-        "promoted_over": champion.version if champion else "",
-        "promoted_gate": gate.describe(),
-        "promoted_verdict": "; ".join(reasons + (["forced"] if not ok else []))[:5000],
-    }
-    for key, value in record.items():
-        client.set_model_version_tag(candidate.name, candidate.version, key, value)
+    make_champion(client, candidate, champion, gate, reasons + (["forced"] if not ok else []))
     return candidate, [f"gate: {gate.describe()}", *reasons, *(["forced"] if not ok else [])]
+
+
+def promote_run(
+    client: MlflowClient, name: str, version: str, base_version: str, measured: dict[str, float], improve: list[str]
+) -> tuple[bool, list[str]]:
+    """The end of a run with `export.promote`: its new version becomes champion only through the gate
+    (the version's own, and better on each of `improve`). Where the run's base model was the
+    champion (`NAME@champion`), its `base_` scores are the champion's on the same sets, and the new
+    version is judged against them; else against the champion version's recorded scores, as
+    `tunefactory promote` does. A refusal leaves the champion and is recorded on the version."""
+    candidate = client.get_model_version(name, version)
+    champion = current_champion(client, name)
+    gate = version_gate(candidate)
+    if champion is not None and base_version == f"{name}/{champion.version}":
+        scores = {side: {k.removeprefix(f"{side}_"): v for k, v in measured.items() if k.startswith(f"{side}_")}
+                  for side in ("tuned", "base")}  # fmt: skip
+        sides = (f"version {version}", f"this run's base (champion version {champion.version})")
+        if scores["base"]:
+            ok, reasons = gate_verdict(scores["tuned"], scores["base"], gate, improve, sides)
+        else:
+            ok, reasons = False, ["this run did not score its base (evaluate.compare_base: false): nothing to judge by"]
+        reasons = [f"against champion version {champion.version}, scored as this run's base on the same sets", *reasons]
+    else:
+        ok, reasons = promotion_verdict(candidate, champion, gate, improve)
+    head = [f"gate: {gate.describe()}" + (f"; better on {', '.join(improve)}" if improve else "")]
+    if ok and (champion is None or champion.version != candidate.version):
+        make_champion(client, candidate, champion, gate, reasons)
+    elif not ok:
+        client.set_model_version_tag(name, version, "promotion_refused", "; ".join(reasons)[:5000])
+    return ok, head + reasons

@@ -23,9 +23,9 @@ from tasks.contracts.file_digests import sha256_file
 from tasks.contracts.manifest import Manifest, StageResult
 from tasks.contracts.spec_sections import BUILT_IN_SET_LABELS, EvaluateSpec
 from tasks.contracts.stage_infos import EvaluateInfo, ModelInfo, TokenizeInfo, TrainInfo
-from tasks.contracts.worker_configs import BenchmarkJob, EvalPrompt, EvalSet, EvaluateJob
+from tasks.contracts.worker_configs import BenchmarkJob, EvalPrompt, EvalSet, EvaluateJob, PreferencePair
 from tasks.contracts.worker_events import Evaluated, ScoredAnswer, Scores, WorkerEvent
-from tasks.dataset.registry import DataError, resolve_eval_set
+from tasks.dataset.registry import DataError, resolve_dataset, resolve_eval_set
 from tasks.dataset.rows import fill_placeholders
 from tasks.dataset.sources import load_source, source_record
 from tasks.runtime.code_version import code_version
@@ -33,6 +33,7 @@ from tasks.runtime.intervals import estimate, is_headline, with_intervals
 from tasks.runtime.prefect_artifacts import publish_evaluation
 from tasks.runtime.stage_output import StageContext, run_stage
 from tasks.runtime.tracking import StageRun
+from tasks.stages.template_dataset import peek_examples
 
 EVALUATE_LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "lm_eval")
 
@@ -105,6 +106,20 @@ def eval_sets(config: EvaluateSpec, registry: str | None, template_vars: dict[st
     return sets
 
 
+def preference_pairs(name: str | None, registry: str | None, template_vars: dict[str, str]) -> list[PreferencePair]:
+    """Every pair of the preference set `name` (evaluate.preferences), placeholders filled; a bad row
+    or an empty set is refused, naming it (`tunefactory run` reads it before stage one too)."""
+    if name is None:
+        return []
+    try:
+        examples, _ = peek_examples([name], registry, template_vars, "pairs", rows=None)
+    except DataError as exc:
+        raise DataError(f"evaluate.preferences ({name}): {exc}") from None
+    if not examples:
+        raise DataError(f"evaluate.preferences ({name}): holds no pairs")
+    return [PreferencePair(messages=e["messages"], chosen=e["chosen"], rejected=e["rejected"]) for e in examples]
+
+
 def accepted_answers(value: object, where: str) -> list[str]:
     """Accepted answers: a non-empty list of texts (a bare text or a number is refused rather
     than guessed at)."""
@@ -143,6 +158,8 @@ def eval_set_digest(job: EvaluateJob) -> str:
     own = [s.model_dump() for s in job.sets if s.label not in BUILT_IN_SET_LABELS]
     if own:
         parts.append(own)
+    if job.preferences:
+        parts.append({"preferences": [pair.model_dump() for pair in job.preferences]})
     if job.benchmarks:
         # each task as it was always hashed: {name} or {name, file: its sha256}
         tasks = [{"name": t.name, **({"file": sha256_file(t.file)} if t.file else {})} for t in job.benchmarks.tasks]
@@ -209,6 +226,7 @@ def evaluate_model(
 ) -> Manifest:
     """Answer the evaluation prompts with the tuned and the base model and score both."""
     sets = eval_sets(config, registry, template_vars)
+    preferences = preference_pairs(config.preferences, registry, template_vars)
     benchmarks = benchmark_job(config)
     # the worker's config; its output directory is the stage's, known once the stage runs
     job = dict(
@@ -218,6 +236,7 @@ def evaluate_model(
         dataset_dir=str(tokenized.path),
         tokenized_digest=TokenizeInfo.of(tokenized).tokenized_digest,
         sets=sets,
+        preferences=preferences,
         benchmarks=benchmarks,
         template_vars=template_vars,
         compute_type=compute_type,
@@ -231,7 +250,9 @@ def evaluate_model(
         "compute_type": compute_type,
         "eval_sets": [source_record(resolve_eval_set(n, registry)).sha256 for n in names if n],
         **({"benchmark_files": [sha256_file(f) for f in files]} if files else {}),
-    }
+        **({"preference_set": source_record(resolve_dataset(config.preferences, registry)).sha256}
+           if config.preferences else {}),
+    }  # fmt: skip
     return run_stage(
         "evaluate",
         key_config,

