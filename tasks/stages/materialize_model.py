@@ -86,7 +86,7 @@ def registry_source(reference: str, workspace: str | Path) -> dict[str, str]:
 def _listing(directory: Path, name: str) -> str:
     """A model directory's files by name and size; refused without the config.json a base model needs."""
     if not (directory / "config.json").is_file():
-        raise ModelSourceError(f"model.name_or_path: {name}: {directory} has no config.json (not a whole model)")
+        raise ModelSourceError(f"model.name_or_path: {name} has no config.json in {directory} (not a whole model)")
     return ",".join(sorted(f"{p.name}:{p.stat().st_size}" for p in directory.iterdir() if p.is_file()))
 
 
