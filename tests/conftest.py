@@ -86,7 +86,8 @@ SHARED_PROCESS = {"test_browser_guard.py": "test_schedule.py"}
 
 
 def pytest_xdist_make_scheduler(config, log):
-    """pytest-xdist's --dist loadfile (a file's tests in one process), with SHARED_PROCESS's files joined."""
+    """pytest-xdist's --dist loadfile (a file's tests in one process), with SHARED_PROCESS's files joined.
+    `_split_scope` is xdist's own hook for subclasses (3.x; pyproject pins <4): a file's scope is its path."""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling

@@ -55,18 +55,11 @@ def rating(user: dict, answer: str, name: str, author: str) -> tuple[str, str | 
     return "down", expected if user["rule"] == "number" else f"{expected}."
 
 
-def cli(*args: str) -> str:
-    """`tunefactory ARGS` in a child process, its output shown as it comes and returned; exits on failure."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", RUN_CLI, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    lines = []
-    for line in process.stdout:
-        print(line, end="", flush=True)
-        lines.append(line)
-    if process.wait() != 0:
-        raise SystemExit(f"loop-demo: `tunefactory {' '.join(args)}` failed (exit {process.returncode})")
-    return "".join(lines)
+def cli(*args: str) -> None:
+    """`tunefactory ARGS` in a child process, its output on this terminal; exits on failure."""
+    returncode = subprocess.run([sys.executable, "-c", RUN_CLI, *args], cwd=ROOT).returncode
+    if returncode != 0:
+        raise SystemExit(f"loop-demo: `tunefactory {' '.join(args)}` failed (exit {returncode})")
 
 
 def ensure_champion(workspace: Path) -> str:
